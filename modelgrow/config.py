@@ -1,0 +1,438 @@
+"""Typed run configuration: dataclass sections, TOML files, ``--section.key value`` overrides.
+
+    cfg = load_config("configs/grow.toml", ["--model.depth", "3", "--optim.lr=1e-4"])
+    save_config(cfg, run_dir / "config.toml")   # the resolved config, written beside every run
+
+Unknown sections or keys and values of the wrong type are :class:`ConfigError` (a ``ValueError``) naming
+the dotted key and, for typos, the closest valid key. Every field has a docstring-like ``help`` entry in
+its metadata, printed by ``modelgrow config --help-keys``. Fields that may be unset default to ``None``
+(TOML cannot spell ``None``; a saved config simply omits them), so ``load(save(cfg)) == cfg`` always holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("STDiT-XL/2", "model zoo preset giving depth / hidden_size / num_heads / patch_size")
+    depth: int | None = _f(None, "number of STDiT blocks (default: the preset's)")
+    hidden_size: int | None = _f(None, "transformer width (default: the preset's)")
+    num_heads: int | None = _f(None, "attention heads (default: the preset's)")
+    patch_size: tuple[int, int, int] | None = _f(None, "(t, h, w) patch size (default: the preset's)")
+    input_size: tuple[int, int, int] = _f((16, 32, 32), "latent (T, H, W): 16 frames at 256x256 after the 8x VAE")
+    in_channels: int = _f(4, "latent channels")
+    mlp_ratio: float = _f(4.0, "MLP hidden width / hidden size")
+    caption_channels: int = _f(4096, "T5 hidden size (4096 for T5-v1.1-XXL)")
+    model_max_length: int = _f(120, "caption tokens (T5 max length)")
+    class_dropout_prob: float = _f(0.1, "probability of replacing the T5 caption by the null caption in training")
+    pred_sigma: bool = _f(True, "predict the variance too (learned-range IDDPM): out_channels = 2 * in_channels")
+    drop_path: float = _f(0.0, "stochastic depth rate of the last block (linear from 0)")
+    space_scale: float = _f(0.5, "spatial position-embedding scale (Open-Sora v1.0: 0.5 at 256px, 1.0 at 512px)")
+    time_scale: float = _f(1.0, "temporal position-embedding scale")
+    dtype: str = _f("float32", "compute dtype the forward casts its inputs to: float32 | bfloat16 | float16 | float64")
+    from_pretrained: str | None = _f(None, "checkpoint to load: Open-Sora/PixArt .pth, .safetensors or a pretrained dir")
+
+    def __post_init__(self) -> None:
+        from .models.zoo import PRESETS
+
+        _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
+        _check(all(v > 0 for v in self.input_size), "model.input_size", f"must be positive, got {self.input_size}")
+        _check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "model.dtype", f"unknown dtype {self.dtype!r}")
+        _check(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
+        _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
+
+    def stdit_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`modelgrow.models.STDiT` (preset + explicit fields)."""
+        from .models.zoo import PRESETS
+
+        kw = dict(PRESETS[self.preset])
+        for name in ("depth", "hidden_size", "num_heads", "patch_size"):
+            if getattr(self, name) is not None:
+                kw[name] = getattr(self, name)
+        kw.update(
+            input_size=self.input_size,
+            in_channels=self.in_channels,
+            mlp_ratio=self.mlp_ratio,
+            caption_channels=self.caption_channels,
+            model_max_length=self.model_max_length,
+            class_dropout_prob=self.class_dropout_prob,
+            pred_sigma=self.pred_sigma,
+            drop_path=self.drop_path,
+            space_scale=self.space_scale,
+            time_scale=self.time_scale,
+            dtype=self.dtype,
+        )
+        return kw
+
+
+@dataclass
+class GrowConfig:
+    strategy: Literal["none", "insert", "prefix", "suffix"] = _f("none", "block expansion strategy (none = no expansion)")
+    ratio: float = _f(1.0, "expansion ratio k = new blocks / original blocks (insert: k = x/y in lowest terms)")
+    llm: bool = _f(False, "add the gated LLM cross-attention to every block")
+    copy_t5_to_llm: bool = _f(True, "initialise the LLM cross-attention from the T5 one (False: the 'w/o duplication' ablation)")
+    per_head_gate: bool = _f(False, "one tanh gate per head instead of one per block")
+    train_new_only: bool = _f(False, "freeze the original blocks (LLaMA-Pro style); the paper trains everything")
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in ("none", "insert", "prefix", "suffix"), "grow.strategy", f"unknown strategy {self.strategy!r}")
+        _check(self.ratio > 0, "grow.ratio", f"must be > 0, got {self.ratio}")
+
+
+@dataclass
+class DataConfig:
+    manifest: str | None = _f(None, "CSV or Parquet with path, caption [, long_caption, num_frames, fps, height, width]")
+    cache_dir: str | None = _f(None, "pre-encoded latent/text cache (modelgrow cache); used instead of raw videos when set")
+    num_frames: int = _f(16, "frames per clip")
+    frame_interval: int = _f(3, "stride between sampled frames")
+    image_size: tuple[int, int] = _f((256, 256), "training (height, width)")
+    hflip: bool = _f(False, "random horizontal flip")
+    decoder: Literal["auto", "dali", "dali-cpu", "pyav"] = _f("auto", "video decoder")
+    num_workers: int = _f(4, "decode workers per rank")
+    prompt_mode: Literal["S", "L", "SL"] = _f("SL", "S = short caption, L = long caption, SL = short + long")
+    max_fail_fraction: float = _f(0.01, "stop when more than this fraction of videos fails to decode")
+
+    def __post_init__(self) -> None:
+        _check(self.num_frames > 0 and self.frame_interval > 0, "data.num_frames", "num_frames and frame_interval must be > 0")
+        _check(all(v > 0 for v in self.image_size), "data.image_size", f"must be positive, got {self.image_size}")
+        _check(self.decoder in ("auto", "dali", "dali-cpu", "pyav"), "data.decoder", f"unknown decoder {self.decoder!r}")
+        _check(self.prompt_mode in ("S", "L", "SL"), "data.prompt_mode", f"must be S, L or SL, got {self.prompt_mode!r}")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(0.0 <= self.max_fail_fraction <= 1.0, "data.max_fail_fraction", "must be in [0, 1]")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(2e-5, "AdamW learning rate (Open-Sora v1.0: 2e-5)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = _f((0.9, 0.999), "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)")
+    warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    fused: bool = _f(True, "use the fused AdamW implementation where available")
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0, "optim", "weight_decay, grad_clip and warmup_steps must be >= 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["vanilla", "lora", "expand"] = _f("vanilla", "what is trained: all parameters, LoRA adapters, or a grown model")
+    steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(1, "samples per rank per step")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    seed: int = _f(42, "global seed (per-rank streams derive from it)")
+    ema_decay: float = _f(0.9999, "EMA decay (fp32 EMA weights)")
+    mixed_precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "compute precision")
+    t5_drop: float = _f(0.1, "P(T5 caption -> null), Open-Sora's rate")
+    llm_drop: float = _f(0.01, "P(LLM condition alone -> null), the paper's rate")
+    both_drop: float = _f(0.001, "P(both conditions -> null), the paper's rate")
+    lora_rank: int = _f(16, "LoRA rank (mode = lora)")
+    log_every: int = _f(10, "print a step line every N steps")
+    output_dir: str = _f("runs/train", "where checkpoints, logs and the resolved config go")
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("vanilla", "lora", "expand"), "train.mode", f"unknown mode {self.mode!r}")
+        _check(self.steps > 0 and self.batch_size > 0 and self.grad_accum > 0, "train", "steps, batch_size and grad_accum must be > 0")
+        _check(0.0 < self.ema_decay <= 1.0, "train.ema_decay", "must be in (0, 1]")
+        _check(self.mixed_precision in ("bf16", "fp16", "fp32"), "train.mixed_precision", f"unknown {self.mixed_precision!r}")
+        for name in ("t5_drop", "llm_drop", "both_drop"):
+            _check(0.0 <= getattr(self, name) < 1.0, f"train.{name}", "must be in [0, 1)")
+        _check(self.lora_rank > 0 and self.log_every > 0, "train", "lora_rank and log_every must be > 0")
+
+
+@dataclass
+class ParallelConfig:
+    activation_checkpointing: str = _f("none", "none | full | every-N (checkpoint every N-th block)")
+    compile: bool = _f(False, "torch.compile each block")
+    fsdp: bool = _f(True, "FSDP2 fully_shard per block and root when world size > 1")
+    reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)")
+    param_dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "FSDP2 MixedPrecisionPolicy param dtype")
+    reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 MixedPrecisionPolicy gradient-reduce dtype")
+
+    def __post_init__(self) -> None:
+        ac = self.activation_checkpointing
+        ok = ac in ("none", "full") or (ac.startswith("every-") and ac[6:].isdigit() and int(ac[6:]) > 0)
+        _check(ok, "parallel.activation_checkpointing", f"must be none, full or every-N (N > 0), got {ac!r}")
+        _check(self.param_dtype in ("bfloat16", "float32"), "parallel.param_dtype", f"unknown {self.param_dtype!r}")
+        _check(self.reduce_dtype in ("float32", "bfloat16"), "parallel.reduce_dtype", f"unknown {self.reduce_dtype!r}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _f(1000, "write a resumable checkpoint every N steps")
+    keep_last: int = _f(3, "resumable checkpoints kept (older ones are deleted)")
+    resume: bool = _f(True, "resume from the newest checkpoint in train.output_dir when there is one")
+    load_weights: str | None = _f(None, "weights-only start for continual pre-training (model only, no optimizer/step)")
+    strict: bool = _f(True, "a weights file whose keys do not fit is an error")
+
+    def __post_init__(self) -> None:
+        _check(self.every_steps > 0 and self.keep_last > 0, "checkpoint", "every_steps and keep_last must be > 0")
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["iddpm", "ddim", "dpm-solver"] = _f("iddpm", "sampler")
+    num_sampling_steps: int = _f(100, "denoising steps")
+    cfg_scale_t5: float = _f(7.0, "guidance scale of the T5 condition")
+    cfg_scale_llm: float = _f(12.5, "guidance scale of the LLM condition")
+    prompt_mode: Literal["S", "L", "SL"] = _f("SL", "which prompt the model sees")
+    num_frames: int = _f(16, "frames to generate")
+    height: int = _f(256, "pixels")
+    width: int = _f(256, "pixels")
+    fps: int = _f(8, "frame rate of the written video")
+    seed: int = _f(0, "sampling seed (recorded beside every video)")
+    batch_size: int = _f(1, "prompts per forward")
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in ("iddpm", "ddim", "dpm-solver"), "sample.sampler", f"unknown sampler {self.sampler!r}")
+        _check(self.num_sampling_steps > 0 and self.batch_size > 0, "sample", "num_sampling_steps and batch_size must be > 0")
+        _check(self.prompt_mode in ("S", "L", "SL"), "sample.prompt_mode", f"must be S, L or SL, got {self.prompt_mode!r}")
+        _check(min(self.num_frames, self.height, self.width, self.fps) > 0, "sample", "num_frames, height, width, fps must be > 0")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------------------------------------
+# typing helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _optional_inner(tp: Any) -> tuple[bool, Any]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(args) < len(get_args(tp)):
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    """Check/convert a TOML value (already typed) to the field type; raise ConfigError naming ``key``."""
+    optional, tp = _optional_inner(tp)
+    if value is None:
+        _check(optional, key, "may not be empty")
+        return None
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        _check(value in choices, key, f"must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = get_args(tp)
+        _check(isinstance(value, (list, tuple)), key, f"expected a list of {len(args)} values, got {value!r}")
+        _check(len(value) == len(args), key, f"expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+    if tp is bool:
+        _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        _check(isinstance(value, str), key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {tp}")  # pragma: no cover - schema bug
+
+
+def _parse_cli_value(key: str, tp: Any, text: str) -> Any:
+    """Parse an override string by the field type (bool words, numbers, comma lists, 'none')."""
+    optional, inner = _optional_inner(tp)
+    if optional and text.strip().lower() in ("none", "null"):
+        return None
+    origin = get_origin(inner)
+    if origin is tuple:
+        parts = [p.strip() for p in text.strip().strip("[]()").split(",") if p.strip()]
+        args = get_args(inner)
+        _check(len(parts) == len(args), key, f"expected {len(args)} comma-separated values, got {text!r}")
+        return tuple(_parse_cli_value(key, a, p) for a, p in zip(args, parts))
+    if inner is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {text!r}")
+    if inner is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {text!r}") from None
+    if inner is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {text!r}") from None
+    return text
+
+
+def _unknown(key: str, valid: list[str]) -> ConfigError:
+    near = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------------------
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
+    """Build a Config from nested ``{section: {key: value}}`` (TOML-typed values) on top of ``base``."""
+    base = base or Config()
+    raw = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown(section, list(SECTIONS))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a [{section}] table, got {values!r}")
+        hints = _hints(SECTIONS[section])
+        for key, value in values.items():
+            if key not in hints:
+                raise _unknown(f"{section}.{key}", [f"{section}.{k}" for k in hints])
+            raw[section][key] = _coerce(f"{section}.{key}", hints[key], value)
+    return _build(raw)
+
+
+def _build(raw: dict[str, dict[str, Any]]) -> Config:
+    sections = {}
+    for name, cls in SECTIONS.items():
+        try:
+            sections[name] = cls(**raw[name])
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:  # pragma: no cover - defensive
+            raise ConfigError(f"{name}: {e}") from None
+    return Config(**sections)
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """``["--model.depth", "3", "--optim.lr=1e-4"]`` -> ``{"model": {"depth": 3}, "optim": {"lr": 1e-4}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"expected an override --section.key VALUE, got {arg!r}")
+        if "=" in arg:
+            dotted, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg[2:]}: missing value")
+            dotted, text = arg[2:], args[i + 1]
+            i += 2
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise _unknown(dotted, _all_keys())
+        hints = _hints(SECTIONS[section])
+        if key not in hints:
+            raise _unknown(dotted, _all_keys())
+        out.setdefault(section, {})[key] = _parse_cli_value(dotted, hints[key], text)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- TOML file (if given) <- ``--section.key value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+        try:
+            cfg = config_from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if overrides:
+        cfg = config_from_dict(parse_overrides(overrides), base=cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config, keep_none: bool = False) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name in SECTIONS:
+        sec = dataclasses.asdict(getattr(cfg, name))
+        out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sec.items() if keep_none or v is not None}
+    return out
+
+
+def dumps_config(cfg: Config) -> str:
+    return tomli_w.dumps(config_to_dict(cfg))
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as TOML (atomically); ``load_config(path)`` gives ``cfg`` back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# resolved modelgrow config\n" + dumps_config(cfg))
+    tmp.replace(path)
+    return path
+
+
+def describe_keys() -> str:
+    """One line per key: dotted name, type, default, help."""
+    lines = []
+    for sname, cls in SECTIONS.items():
+        hints = _hints(cls)
+        for f in fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            tp = str(hints[f.name]).replace("typing.", "")
+            lines.append(f"{sname}.{f.name:<24} {tp:<40} default={default!r:<14} {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,291 @@
+"""Checkpoint I/O for STDiT: Open-Sora v1.0 ``.pth``, PixArt-alpha ``.pth``, safetensors, and our own
+pretrained directories (``model.safetensors`` + ``config.json``).
+
+Pickled files are read with ``torch.load(weights_only=True)`` only. Loading is strict by default: keys that
+do not fit raise :class:`CheckpointMismatchError` listing every missing, unexpected and mis-shaped key. The
+position-embedding buffers are never taken from a file; they are recomputed for the model's configured
+size, so a checkpoint trained at one resolution loads into a model built for another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .stdit import STDiT, dtype_from_name
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+FORMAT_VERSION = 1
+POS_EMBED_KEYS = ("pos_embed", "pos_embed_temporal")
+_WRAPPER_KEYS = ("ema", "model", "state_dict", "module")
+_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    source: str
+    format: str
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)  # "key: checkpoint [..] vs model [..]"
+    initialised: list[str] = field(default_factory=list)  # filled by a format conversion, not the file
+    loaded: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 40) -> str:
+        lines = [f"{self.source} ({self.format}): {self.loaded} tensors loaded"]
+        for title, keys in (
+            ("missing from the checkpoint", self.missing),
+            ("unexpected (not in the model)", self.unexpected),
+            ("shape mismatch", self.mismatched),
+            ("initialised by the conversion", self.initialised),
+        ):
+            if keys:
+                shown = keys[:limit]
+                more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
+                lines.append(f"  {len(keys)} {title}:\n    " + "\n    ".join(shown) + more)
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# reading
+# --------------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.pth``/``.pt``/``.bin`` (weights only), ``.safetensors`` or a pretrained dir.
+
+    Wrappers are unwrapped: ``{"ema": sd}``, ``{"model": sd}``, ``{"state_dict": sd}``, ``{"module": sd}``
+    (in that order of preference; ``key`` picks one explicitly), and a ``module.`` (DDP) or ``_orig_mod.``
+    (torch.compile) prefix shared by every key is removed.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / WEIGHTS_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        obj: Any = load_file(str(path), device="cpu")
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(
+                f"{path} holds pickled objects other than tensors and plain containers; modelgrow reads "
+                "checkpoints with torch.load(weights_only=True) only and will not execute arbitrary pickle "
+                "code. Re-save it as a plain state dict (torch.save(model.state_dict(), ...)) or safetensors."
+                f"\n  ({str(e).splitlines()[0]})"
+            ) from None
+    sd = _unwrap(obj, key, path)
+    return _strip_prefixes(sd)
+
+
+def _unwrap(obj: Any, key: str | None, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    if key is not None:
+        if key not in obj:
+            raise KeyError(f"{path} has no entry {key!r}; top-level keys: {sorted(map(str, obj))[:20]}")
+        obj = obj[key]
+    elif not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for k in _WRAPPER_KEYS:
+            if isinstance(obj.get(k), Mapping):
+                obj = obj[k]
+                break
+        else:
+            raise ValueError(
+                f"{path} is neither a state dict nor a {{'ema'|'model'|'state_dict'|'module': state_dict}} "
+                f"wrapper; top-level keys: {sorted(map(str, obj))[:20]}"
+            )
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path}: the state dict holds no tensors")
+    return tensors
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    for prefix in _PREFIXES:
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+# --------------------------------------------------------------------------------------------------------
+# formats
+# --------------------------------------------------------------------------------------------------------
+
+
+def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
+    """'pixart' for a PixArt-alpha image checkpoint (2-D patch embedding, no temporal attention), else
+    'opensora' (Open-Sora v1.0 and modelgrow share the layout)."""
+    w = sd.get("x_embedder.proj.weight")
+    has_temporal = any(".attn_temp." in k for k in sd)
+    if (w is not None and w.ndim == 4) or (not has_temporal and any(k.startswith("blocks.") for k in sd)):
+        return "pixart"
+    return "opensora"
+
+
+def convert_pixart(sd: Mapping[str, torch.Tensor], model: STDiT) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """PixArt-alpha -> STDiT: the 2-D patch-embedding kernel gains a temporal axis of size 1, and every
+    block's temporal attention is filled from the model (qkv as initialised, proj zero), so the converted
+    STDiT computes PixArt's function on each frame. Returns (state dict, keys filled by the conversion)."""
+    out = dict(sd)
+    w = out.get("x_embedder.proj.weight")
+    if w is not None and w.ndim == 4:
+        if model.patch_size[0] != 1:
+            raise CheckpointMismatchError(
+                f"a PixArt checkpoint has a 2-D patch embedding; it needs patch_size (1, p, p), not {model.patch_size}"
+            )
+        out["x_embedder.proj.weight"] = w.unsqueeze(2)  # [C, C_in, ph, pw] -> [C, C_in, 1, ph, pw]
+    filled = []
+    own = model.state_dict()
+    for i in range(len(model.blocks)):
+        for name in ("attn_temp.qkv.weight", "attn_temp.qkv.bias", "attn_temp.proj.weight", "attn_temp.proj.bias"):
+            k = f"blocks.{i}.{name}"
+            if k in out:
+                continue
+            if f"blocks.{i}.scale_shift_table" not in out:
+                continue  # the block is missing altogether: leave it to the key check
+            ref = own[k]
+            if ".proj." in k or (ref.is_meta and k.endswith(".bias")):
+                out[k] = torch.zeros(ref.shape, dtype=ref.dtype)
+            elif ref.is_meta:  # model built on the meta device: initialise as STDiT.initialize_weights does
+                out[k] = torch.nn.init.xavier_uniform_(torch.empty(ref.shape, dtype=ref.dtype))
+            else:
+                out[k] = ref.detach().to("cpu", copy=True)
+            filled.append(k)
+    return out, filled
+
+
+# --------------------------------------------------------------------------------------------------------
+# loading into a model
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(
+    model: STDiT,
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    *,
+    strict: bool = True,
+    format: str = "auto",
+    key: str | None = None,
+) -> LoadReport:
+    """Load weights from a file, pretrained dir or state dict into ``model`` (in place).
+
+    format: 'auto' | 'opensora' | 'pixart' | 'modelgrow' ('modelgrow' and 'opensora' are the same layout).
+    strict: any missing, unexpected or mis-shaped key raises :class:`CheckpointMismatchError` (nothing is
+    loaded then); with ``strict=False`` the fitting tensors are loaded and the rest reported.
+    Position embeddings are recomputed for the model's size; the file's are ignored.
+    """
+    if isinstance(source, Mapping):
+        sd, name = _strip_prefixes(dict(source)), "<state dict>"
+    else:
+        sd, name = read_checkpoint(source, key=key), str(source)
+    if format == "auto":
+        format = detect_format(sd)
+    if format not in ("opensora", "modelgrow", "pixart"):
+        raise ValueError(f"unknown checkpoint format {format!r}; use auto, opensora, pixart or modelgrow")
+    initialised: list[str] = []
+    if format == "pixart":
+        sd, initialised = convert_pixart(sd, model)
+
+    own = model.state_dict()
+    report = LoadReport(source=name, format=format, initialised=initialised)
+    report.missing = [k for k in own if k not in sd and k not in POS_EMBED_KEYS]
+    report.unexpected = [k for k in sd if k not in own]
+    report.mismatched = [
+        f"{k}: checkpoint {list(sd[k].shape)} vs model {list(own[k].shape)}"
+        for k in sd
+        if k in own and k not in POS_EMBED_KEYS and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+    if strict and not report.ok:
+        raise CheckpointMismatchError(
+            "checkpoint does not fit the model (pass strict=False to load what fits):\n" + report.describe()
+        )
+    bad = {m.split(":")[0] for m in report.mismatched}
+    to_load = {k: v for k, v in sd.items() if k in own and k not in POS_EMBED_KEYS and k not in bad}
+    on_meta = any(p.is_meta for p in model.parameters())
+    if on_meta and (report.missing or bad):
+        raise CheckpointMismatchError(
+            "the model is on the meta device and the checkpoint does not cover all of it; build the model on "
+            "a real device to load a partial checkpoint:\n" + report.describe()
+        )
+    model.load_state_dict(to_load, strict=False, assign=on_meta)
+    model.reset_pos_embed()
+    report.loaded = len(to_load)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------
+# pretrained directories
+# --------------------------------------------------------------------------------------------------------
+
+
+def save_pretrained(model: STDiT, out_dir: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``config.json`` into ``out_dir``. Each file is written to a temporary
+    name and renamed into place, so an interrupted save leaves the previous files intact."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {
+        "modelgrow_format": FORMAT_VERSION,
+        "architecture": type(model).__name__,
+        "config": model.config,
+        **(dict(extra) if extra else {}),
+    }
+    tmp_w, tmp_c = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
+    save_file(tensors, str(tmp_w), metadata={"format": "pt", "modelgrow_format": str(FORMAT_VERSION)})
+    tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp_w, out / WEIGHTS_NAME)
+    os.replace(tmp_c, out / CONFIG_NAME)
+    return out
+
+
+def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: {model_dir} is not a modelgrow pretrained directory")
+    meta = json.loads(path.read_text())
+    if meta.get("modelgrow_format") != FORMAT_VERSION or "config" not in meta:
+        raise ValueError(f"{path}: unsupported format {meta.get('modelgrow_format')!r} (expected {FORMAT_VERSION})")
+    return meta
+
+
+def from_pretrained(
+    model_dir: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    strict: bool = True,
+) -> STDiT:
+    """Rebuild the model described by ``config.json`` and load ``model.safetensors`` into it (the model is
+    constructed on the meta device, so no memory is spent on an initialisation that is overwritten)."""
+    meta = read_config(model_dir)
+    if meta.get("architecture", "STDiT") != "STDiT":
+        raise ValueError(f"{model_dir}: architecture {meta['architecture']!r} is not an STDiT")
+    with torch.device("meta"):
+        model = STDiT(**meta["config"])
+    load_checkpoint(model, model_dir, strict=strict, format="modelgrow")
+    if dtype is not None:
+        model.to(dtype_from_name(dtype))
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,424 @@
+"""STDiT: the spatial-temporal DiT of Open-Sora v1.0, drop-in compatible.
+
+Same constructor keywords, same module and parameter names (state-dict keys) and the same forward function
+as ``opensora/models/stdit/stdit.py`` (v1.0), quirks included:
+
+* the spatial branch reads ``modulate(norm1(x))``; the temporal branch reads the *un-normalised* residual
+  stream and reuses ``gate_msa``;
+* the temporal position embedding enters only the temporal attention of block ``temporal_pos_block``
+  (block 0 for an Open-Sora model; growth keeps it on the original block 0);
+* cross-attention is un-normalised and un-gated; the null caption is the ``y_embedder.y_embedding`` buffer;
+* the final layer is modulated by ``t``, not ``t0``;
+* inputs (timesteps included) are cast to the model's ``dtype`` and the output is cast to float32;
+* ``no_temporal_pos_emb`` is accepted but, as in Open-Sora v1.0, has no effect.
+
+Layout of the token stream: ``[B, T*S, C]`` with frames outermost (T = latent frames / patch_t,
+S = spatial tokens per frame).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .layers import (
+    Attention,
+    CaptionEmbedder,
+    DropPath,
+    Mlp,
+    MultiHeadCrossAttention,
+    PatchEmbed3D,
+    T2IFinalLayer,
+    TimestepEmbedder,
+    approx_gelu,
+    sincos_1d,
+    sincos_2d,
+    t2i_modulate,
+)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def dtype_from_name(dtype: str | torch.dtype) -> torch.dtype:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16 (and likewise for the other float types)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).replace("torch.", "")
+    name = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(name, name)
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+class STDiTBlock(nn.Module):
+    """One STDiT block: spatial self-attn -> temporal self-attn -> T5 cross-attn -> MLP, adaLN-single."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        d_s: int,
+        d_t: int,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.d_s = d_s  # spatial tokens per frame
+        self.d_t = d_t  # frames
+        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio), act_layer=approx_gelu)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
+        self.attn_temp = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        tpe: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T*S, C]; y [B, L, C] embedded caption; t [B, 6C] (t_block output); mask [B, L] bool
+        key-padding mask or None; tpe [1, T, C] temporal position embedding or None."""
+        B, N, C = x.shape
+        T, S = self.d_t, self.d_s
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.scale_shift_table[None] + t.reshape(B, 6, -1)
+        ).chunk(6, dim=1)  # 6 x [B, 1, C]
+
+        # spatial branch: attention among the S tokens of each frame
+        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # [B, T*S, C]
+        x_s = self.attn(x_m.reshape(B * T, S, C))  # [B*T, S, C]
+        x = x + self.drop_path(gate_msa * x_s.reshape(B, N, C))  # [B, T*S, C]
+
+        # temporal branch: attention among the T frames at each spatial position (un-normalised input)
+        x_t = x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)  # [B*S, T, C]
+        if tpe is not None:
+            x_t = x_t + tpe  # [B*S, T, C]
+        x_t = self.attn_temp(x_t)  # [B*S, T, C]
+        x_t = x_t.reshape(B, S, T, C).transpose(1, 2).reshape(B, N, C)  # [B, T*S, C]
+        x = x + self.drop_path(gate_msa * x_t)  # [B, T*S, C] (gate_msa reused)
+
+        # cross-attention to the caption (no norm, no gate)
+        x = x + self.cross_attn(x, y, mask)  # [B, T*S, C]
+
+        # MLP
+        x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)  # [B, T*S, C]
+        x = x + self.drop_path(gate_mlp * self.mlp(x_m))  # [B, T*S, C]
+        return x
+
+
+class STDiT(nn.Module):
+    """Open-Sora v1.0 STDiT. ``forward(x, timestep, y, mask=None) -> [B, out_channels, T, H, W]``."""
+
+    def __init__(
+        self,
+        input_size=(1, 32, 32),
+        in_channels: int = 4,
+        patch_size=(1, 2, 2),
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        pred_sigma: bool = True,
+        drop_path: float = 0.0,
+        no_temporal_pos_emb: bool = False,
+        caption_channels: int = 4096,
+        model_max_length: int = 120,
+        dtype: torch.dtype | str = torch.float32,
+        space_scale: float = 1.0,
+        time_scale: float = 1.0,
+        freeze: str | None = None,
+        enable_flashattn: bool = False,
+        enable_layernorm_kernel: bool = False,
+        enable_sequence_parallelism: bool = False,
+        temporal_pos_block: int = 0,
+    ):
+        super().__init__()
+        input_size, patch_size = tuple(int(v) for v in input_size), tuple(int(v) for v in patch_size)
+        _check_arch(input_size, patch_size, hidden_size, depth, num_heads, temporal_pos_block)
+        if enable_sequence_parallelism:
+            raise ValueError(
+                "enable_sequence_parallelism is not supported by modelgrow's STDiT: shard with FSDP2 "
+                "(modelgrow.train.parallelize) instead and construct with enable_sequence_parallelism=False"
+            )
+        if freeze not in (None, "not_temporal", "text"):
+            raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {freeze!r}")
+        if no_temporal_pos_emb:
+            warnings.warn(
+                "no_temporal_pos_emb=True has no effect: Open-Sora v1.0 ignores it and so does this drop-in model",
+                stacklevel=2,
+            )
+        self.pred_sigma = pred_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if pred_sigma else in_channels
+        self.hidden_size = hidden_size
+        self.patch_size = patch_size
+        self.input_size = input_size
+        self.num_temporal = input_size[0] // patch_size[0]
+        self.num_spatial = (input_size[1] // patch_size[1]) * (input_size[2] // patch_size[2])
+        self.num_patches = self.num_temporal * self.num_spatial
+        self.num_heads = num_heads
+        self.dtype = dtype_from_name(dtype)
+        self.no_temporal_pos_emb = no_temporal_pos_emb
+        self.depth = depth
+        self.mlp_ratio = mlp_ratio
+        self.enable_flashattn = enable_flashattn  # SDPA picks flash attention by itself where it can
+        self.enable_layernorm_kernel = enable_layernorm_kernel
+        self.space_scale = space_scale
+        self.time_scale = time_scale
+        self.temporal_pos_block = temporal_pos_block
+        self.config: dict[str, Any] = dict(
+            input_size=list(input_size),
+            in_channels=in_channels,
+            patch_size=list(patch_size),
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+            pred_sigma=pred_sigma,
+            drop_path=drop_path,
+            no_temporal_pos_emb=no_temporal_pos_emb,
+            caption_channels=caption_channels,
+            model_max_length=model_max_length,
+            dtype=dtype_name(self.dtype),
+            space_scale=space_scale,
+            time_scale=time_scale,
+            freeze=freeze,
+            temporal_pos_block=temporal_pos_block,
+        )
+
+        self.register_buffer("pos_embed", self.get_spatial_pos_embed())  # [1, S, C]
+        self.register_buffer("pos_embed_temporal", self.get_temporal_pos_embed())  # [1, T, C]
+
+        self.x_embedder = PatchEmbed3D(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.y_embedder = CaptionEmbedder(
+            in_channels=caption_channels,
+            hidden_size=hidden_size,
+            uncond_prob=class_dropout_prob,
+            act_layer=approx_gelu,
+            token_num=model_max_length,
+        )
+        # stochastic-depth rates as Open-Sora computes them (float32 linspace); on CPU even under a meta context
+        drop_rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
+        self.blocks = nn.ModuleList(
+            [
+                STDiTBlock(
+                    hidden_size,
+                    num_heads,
+                    d_s=self.num_spatial,
+                    d_t=self.num_temporal,
+                    mlp_ratio=mlp_ratio,
+                    drop_path=drop_rates[i],
+                )
+                for i in range(depth)
+            ]
+        )
+        self.final_layer = T2IFinalLayer(hidden_size, math.prod(patch_size), self.out_channels)
+
+        self.initialize_weights()
+        self.initialize_temporal()
+        if freeze == "not_temporal":
+            self.freeze_not_temporal()
+        elif freeze == "text":
+            self.freeze_text()
+
+    # --------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        x:        [B, C_in, T, H, W] video latent (T, H, W as ``input_size``).
+        timestep: [B] diffusion timesteps (may be fractional).
+        y:        [B, 1, L, caption_channels] (or [B, L, caption_channels]) text-encoder states.
+        mask:     [B', L] with B' dividing B (a CFG batch reuses the prompt masks), non-zero = real token;
+                  None = every token is real.
+        returns   [B, out_channels, T, H, W] in float32.
+        """
+        self._check_inputs(x, timestep, y, mask)
+        x = x.to(self.dtype)
+        timestep = timestep.to(self.dtype)
+        y = y.to(self.dtype)
+        if y.ndim == 3:
+            y = y.unsqueeze(1)  # [B, 1, L, C_cap]
+        B = x.shape[0]
+        T, S, C = self.num_temporal, self.num_spatial, self.hidden_size
+
+        # embeddings
+        x = self.x_embedder(x)  # [B, T*S, C]
+        x = (x.reshape(B, T, S, C) + self.pos_embed).reshape(B, T * S, C)  # [B, T*S, C]
+        t = self.t_embedder(timestep, dtype=x.dtype)  # [B, C]
+        t0 = self.t_block(t)  # [B, 6C]
+        y = self.y_embedder(y, self.training).squeeze(1)  # [B, L, C]
+        y_mask = self.caption_mask(mask, y.shape[0])  # [B, L] bool or None
+
+        # blocks
+        for i, block in enumerate(self.blocks):
+            tpe = self.pos_embed_temporal if i == self.temporal_pos_block else None  # [1, T, C]
+            x = block(x, y, t0, y_mask, tpe)  # [B, T*S, C]
+
+        # head
+        x = self.final_layer(x, t)  # [B, T*S, prod(patch) * C_out]
+        x = self.unpatchify(x)  # [B, C_out, T, H, W]
+        return x.to(torch.float32)
+
+    @staticmethod
+    def caption_mask(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+        """[B', L] (or [B', 1, 1, L]) caption mask -> [batch, L] bool, tiling it batch/B' times as Open-Sora
+        does for classifier-free-guidance batches (``mask.repeat(batch // B', 1)``)."""
+        if mask is None:
+            return None
+        if mask.ndim == 4:
+            mask = mask.squeeze(1).squeeze(1)
+        if mask.shape[0] != batch:
+            mask = mask.repeat(batch // mask.shape[0], 1)
+        return mask != 0
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Nt*Nh*Nw, Tp*Hp*Wp*C_out] -> [B, C_out, Nt*Tp, Nh*Hp, Nw*Wp]."""
+        n_t, n_h, n_w = (self.input_size[i] // self.patch_size[i] for i in range(3))
+        p_t, p_h, p_w = self.patch_size
+        c = self.out_channels
+        x = x.reshape(x.shape[0], n_t, n_h, n_w, p_t, p_h, p_w, c)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C_out, Nt, Tp, Nh, Hp, Nw, Wp]
+        return x.reshape(x.shape[0], c, n_t * p_t, n_h * p_h, n_w * p_w)
+
+    # --------------------------------------------------------------------------------------------------
+    def get_spatial_pos_embed(self, grid_size=None) -> torch.Tensor:
+        """[1, S, C] float32 buffer for a latent of spatial size ``grid_size`` (default: input_size[1:])."""
+        if grid_size is None:
+            grid_size = self.input_size[1:]
+        table = sincos_2d(
+            self.hidden_size,
+            (grid_size[0] // self.patch_size[1], grid_size[1] // self.patch_size[2]),
+            scale=self.space_scale,
+        )
+        return torch.tensor(table, dtype=torch.float32).unsqueeze(0)
+
+    def get_temporal_pos_embed(self) -> torch.Tensor:
+        """[1, T, C] float32 buffer."""
+        table = sincos_1d(self.hidden_size, self.input_size[0] // self.patch_size[0], scale=self.time_scale)
+        return torch.tensor(table, dtype=torch.float32).unsqueeze(0)
+
+    @torch.no_grad()
+    def reset_pos_embed(self) -> None:
+        """Recompute both position-embedding buffers for the configured size (after loading weights)."""
+        for name, fresh in (("pos_embed", self.get_spatial_pos_embed()), ("pos_embed_temporal", self.get_temporal_pos_embed())):
+            old = getattr(self, name)
+            device = old.device if old.device.type != "meta" else torch.device("cpu")
+            dtype = old.dtype
+            setattr(self, name, fresh.to(device=device, dtype=dtype))
+
+    # --------------------------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """Open-Sora/PixArt initialisation: xavier linears, zero biases, N(0, 0.02) embedders, zero
+        cross-attention output and zero final linear."""
+
+        def _basic_init(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.data.view([w.shape[0], -1]))  # patch embed initialised like a linear
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        nn.init.normal_(self.t_block[1].weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc1.weight, std=0.02)
+        nn.init.normal_(self.y_embedder.y_proj.fc2.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.constant_(block.cross_attn.proj.weight, 0)
+            nn.init.constant_(block.cross_attn.proj.bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    def initialize_temporal(self) -> None:
+        """Zero the temporal attention output so a fresh temporal branch is an identity."""
+        for block in self.blocks:
+            nn.init.constant_(block.attn_temp.proj.weight, 0)
+            nn.init.constant_(block.attn_temp.proj.bias, 0)
+
+    def freeze_not_temporal(self) -> None:
+        for n, p in self.named_parameters():
+            if "attn_temp" not in n:
+                p.requires_grad = False
+
+    def freeze_text(self) -> None:
+        for n, p in self.named_parameters():
+            if "cross_attn" in n:
+                p.requires_grad = False
+
+    # --------------------------------------------------------------------------------------------------
+    def _check_inputs(self, x, timestep, y, mask) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be [B, {self.in_channels}, T, H, W]; got {list(x.shape)}")
+        grid = tuple(-(-x.shape[2 + i] // self.patch_size[i]) for i in range(3))
+        want = tuple(self.input_size[i] // self.patch_size[i] for i in range(3))
+        if grid != want:
+            raise ValueError(
+                f"latent of size (T, H, W) = {tuple(x.shape[2:])} does not fit this model's input_size "
+                f"{self.input_size}; build the model with input_size={tuple(x.shape[2:])} (position "
+                "embeddings are recomputed when a checkpoint is loaded)"
+            )
+        B = x.shape[0]
+        if timestep.ndim != 1 or timestep.shape[0] != B:
+            raise ValueError(f"timestep must be [B] = [{B}]; got {list(timestep.shape)}")
+        cap = tuple(self.y_embedder.y_embedding.shape[1:])
+        if y.ndim not in (3, 4) or y.shape[0] != B or tuple(y.shape[-1:]) != cap or (y.ndim == 4 and y.shape[1] != 1):
+            raise ValueError(f"y must be [B, 1, L, {cap[0]}] with B = {B}; got {list(y.shape)}")
+        if mask is not None:
+            m = mask.squeeze(1).squeeze(1) if mask.ndim == 4 else mask
+            if m.ndim != 2 or m.shape[1] != y.shape[-2] or m.shape[0] == 0 or B % m.shape[0]:
+                raise ValueError(
+                    f"mask must be [B', L] with L = {y.shape[-2]} caption tokens and B' dividing B = {B}; "
+                    f"got {list(mask.shape)}"
+                )
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, patch_size={self.patch_size}, tokens={self.num_temporal}x{self.num_spatial}, "
+            f"dtype={dtype_name(self.dtype)}"
+        )
+
+
+def _check_arch(input_size, patch_size, hidden_size, depth, num_heads, temporal_pos_block) -> None:
+    if len(input_size) != 3 or len(patch_size) != 3:
+        raise ValueError(f"input_size and patch_size must be (T, H, W); got {input_size} and {patch_size}")
+    if any(p <= 0 for p in patch_size) or any(s < p for s, p in zip(input_size, patch_size)):
+        raise ValueError(f"patch_size {patch_size} must be positive and no larger than input_size {input_size}")
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by num_heads {num_heads}")
+    if hidden_size % 4:
+        raise ValueError(f"hidden_size {hidden_size} must be divisible by 4 (2-D sin/cos position embedding)")
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    if not 0 <= temporal_pos_block < depth:
+        raise ValueError(f"temporal_pos_block {temporal_pos_block} must index a block (depth {depth})")
