@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip>=23" "setuptools>=68" wheel
+	$(PIP) install -q --upgrade "pip>=23" "setuptools>=77" wheel
 	$(PIP) install -q $(PINS) pybind11 ninja
 	$(PIP) install -q --no-build-isolation $(PINS) -e ".[$(EXTRAS)]"
 	$(PY) -c "import modelgrow, mgkernels; print('modelgrow', modelgrow.__version__, '| csrc extension:', 'built' if mgkernels.ext_available() else mgkernels.ext_error())"

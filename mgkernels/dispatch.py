@@ -1,0 +1,120 @@
+"""Which implementation of a fused op runs: ``triton``, ``csrc`` or ``ref``.
+
+Every op calls :func:`choose(op, tensor, implemented)` inside its ``torch.library`` custom op, so the choice
+is made at run time (opaque to ``torch.compile``) from, in order:
+
+1. the innermost :func:`use` context (``with mgkernels.use("ref"): ...``), else
+2. the ``MG_KERNELS`` environment variable (``auto`` | ``ref`` | ``triton`` | ``csrc``; default ``auto``).
+
+``auto``: CUDA tensors -> ``triton``; CPU tensors -> ``csrc`` when the op has a C++ implementation and the
+extension is built, else ``ref``. A preferred provider that cannot run (Triton not importable, extension not
+built) falls back to ``ref`` with a one-time warning.
+
+An explicit provider must run where the op implements it: ``triton`` on a CPU tensor needs the Triton
+interpreter (``TRITON_INTERPRET=1``, how the tests run kernels on CPU); ``csrc`` needs the built extension
+(and its CUDA build for CUDA tensors). Otherwise :class:`KernelUnavailable` is raised. An op that does not
+implement the forced provider at all (e.g. ``csrc`` for the attention ops) uses ``ref``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+from . import _ext
+
+PROVIDERS = ("triton", "csrc", "ref")
+_CHOICES = ("auto",) + PROVIDERS
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("mgkernels_provider", default=None)
+_warned: set[tuple[str, str]] = set()
+
+
+class KernelUnavailable(RuntimeError):
+    """An explicitly requested kernel provider cannot run here."""
+
+
+def requested() -> str:
+    """The provider asked for: the innermost ``use()`` context, else ``MG_KERNELS``, else ``auto``."""
+    value = _override.get() or os.environ.get("MG_KERNELS", "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"MG_KERNELS={value!r} is not one of {', '.join(_CHOICES)}")
+    return value
+
+
+@contextlib.contextmanager
+def use(provider: str) -> Iterator[None]:
+    """Force a provider for the ops called inside the block (same meaning as ``MG_KERNELS``)."""
+    provider = provider.lower()
+    if provider not in _CHOICES:
+        raise ValueError(f"provider {provider!r} is not one of {', '.join(_CHOICES)}")
+    token = _override.set(provider)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def csrc_available(device: torch.device) -> bool:
+    if not _ext.ext_available():
+        return False
+    return device.type == "cpu" or (device.type == "cuda" and bool(_ext.build_info().get("cuda")))
+
+
+def _can_run(provider: str, device: torch.device) -> tuple[bool, str]:
+    if provider == "ref":
+        return True, ""
+    if provider == "triton":
+        if not triton_available():
+            return False, "triton is not installed"
+        if device.type == "cuda" or interpreter_enabled():
+            return True, ""
+        return False, f"Triton kernels need a CUDA tensor (got {device.type}) or TRITON_INTERPRET=1"
+    if provider == "csrc":
+        if not _ext.ext_available():
+            return False, f"the csrc extension is not available: {_ext.ext_error()}"
+        if not csrc_available(device):
+            return False, f"the csrc extension was built without CUDA; it cannot run on {device.type}"
+        return True, ""
+    raise ValueError(provider)
+
+
+def _warn_once(op: str, msg: str) -> None:
+    if (op, msg) not in _warned:
+        _warned.add((op, msg))
+        warnings.warn(f"mgkernels.{op}: {msg}; using the PyTorch reference", RuntimeWarning, stacklevel=3)
+
+
+def choose(op: str, tensor: torch.Tensor, implemented: tuple[str, ...]) -> str:
+    """The provider that runs ``op`` on ``tensor``'s device; ``implemented`` lists what the op has."""
+    device = tensor.device
+    want = requested()
+    if want != "auto":
+        if want not in implemented:
+            return "ref"
+        ok, why = _can_run(want, device)
+        if not ok:
+            raise KernelUnavailable(f"mgkernels.{op}: provider {want!r} was requested but {why}")
+        return want
+    preferred = "triton" if device.type == "cuda" else "csrc"
+    if preferred not in implemented:
+        return "ref"
+    ok, why = _can_run(preferred, device)
+    if ok:
+        return preferred
+    if device.type == "cuda" or preferred == "csrc":
+        _warn_once(op, why)
+    return "ref"
