@@ -74,7 +74,7 @@ def csrc_available(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and bool(_ext.build_info().get("cuda")))
 
 
-def _can_run(provider: str, device: torch.device) -> tuple[bool, str]:
+def _can_run(provider: str, device: torch.device, csrc_fn: str | None = None) -> tuple[bool, str]:
     if provider == "ref":
         return True, ""
     if provider == "triton":
@@ -88,6 +88,8 @@ def _can_run(provider: str, device: torch.device) -> tuple[bool, str]:
             return False, f"the csrc extension is not available: {_ext.ext_error()}"
         if not csrc_available(device):
             return False, f"the csrc extension was built without CUDA; it cannot run on {device.type}"
+        if csrc_fn is not None and not hasattr(_ext.ext(), csrc_fn):
+            return False, f"the built csrc extension has no {csrc_fn}; rebuild it (make install)"
         return True, ""
     raise ValueError(provider)
 
@@ -98,21 +100,22 @@ def _warn_once(op: str, msg: str) -> None:
         warnings.warn(f"mgkernels.{op}: {msg}; using the PyTorch reference", RuntimeWarning, stacklevel=3)
 
 
-def choose(op: str, tensor: torch.Tensor, implemented: tuple[str, ...]) -> str:
-    """The provider that runs ``op`` on ``tensor``'s device; ``implemented`` lists what the op has."""
+def choose(op: str, tensor: torch.Tensor, implemented: tuple[str, ...], csrc_fn: str | None = None) -> str:
+    """The provider that runs ``op`` on ``tensor``'s device; ``implemented`` lists what the op has and
+    ``csrc_fn`` names the extension function the csrc provider calls (checked to exist)."""
     device = tensor.device
     want = requested()
     if want != "auto":
         if want not in implemented:
             return "ref"
-        ok, why = _can_run(want, device)
+        ok, why = _can_run(want, device, csrc_fn)
         if not ok:
             raise KernelUnavailable(f"mgkernels.{op}: provider {want!r} was requested but {why}")
         return want
     preferred = "triton" if device.type == "cuda" else "csrc"
     if preferred not in implemented:
         return "ref"
-    ok, why = _can_run(preferred, device)
+    ok, why = _can_run(preferred, device, csrc_fn)
     if ok:
         return preferred
     if device.type == "cuda" or preferred == "csrc":
