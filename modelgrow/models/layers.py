@@ -15,6 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mgkernels.modulate import modulate
+from mgkernels.st_attention import st_attention
+
 
 def approx_gelu() -> nn.Module:
     """GELU with the tanh approximation, the activation of every MLP in PixArt/Open-Sora."""
@@ -210,17 +213,37 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention among the N tokens of each of the B sequences of x [B, N, C]."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, D]
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, D]
+        return self.proj(self._core(qkv).reshape(B, N, C))  # [B, N, C]
+
+    def forward_st(self, x: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
+        """x [B, T*S, C] (frames outermost) -> [B, T*S, C], attending over the S tokens of each frame
+        (``mode="spatial"``) or over the T frames at each spatial position (``"temporal"``). The fused
+        kernel reads q/k/v from the qkv projection through strides: no permute or contiguous copies."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # [B, T*S, 3, H, D]
+        if qkv.dtype != torch.float64:
+            return self.proj(st_attention(qkv, T, S, mode))  # [B, T*S, C]
+        # float64 (verification against Open-Sora): its eager attention, with explicit layout changes
+        if mode == "spatial":
+            o = self._core(qkv.reshape(B * T, S, 3, self.num_heads, self.head_dim))  # [B*T, S, H, D]
+            return self.proj(o.reshape(B, N, C))
+        qkv = qkv.view(B, T, S, 3 * C).transpose(1, 2).reshape(B * S, T, 3, self.num_heads, self.head_dim)
+        o = self._core(qkv).reshape(B, S, T, C).transpose(1, 2).reshape(B, N, C)  # [B, T*S, C]
+        return self.proj(o)
+
+    def _core(self, qkv: torch.Tensor) -> torch.Tensor:
+        """[G, n, 3, H, D] -> [G, n, H, D] attention output per sequence."""
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [G, H, n, D]
         if q.dtype == torch.float64:
-            attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+            attn = (q * self.scale) @ k.transpose(-2, -1)  # [G, H, n, n]
             attn = attn.to(torch.float32).softmax(dim=-1).to(q.dtype)  # Open-Sora: softmax in float32
-            o = attn @ v  # [B, H, N, D]
+            o = attn @ v  # [G, H, n, D]
         else:
-            o = _attention(q, k, v)  # [B, H, N, D]
-        o = o.transpose(1, 2).reshape(B, N, C)  # [B, N, C]
-        return self.proj(o)  # [B, N, C]
+            o = _attention(q, k, v)  # [G, H, n, D]
+        return o.transpose(1, 2)  # [G, n, H, D]
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -272,5 +295,5 @@ class T2IFinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # 2 x [B, 1, C]
-        x = t2i_modulate(self.norm_final(x), shift, scale)  # [B, N, C]
+        x = modulate(x, shift, scale)  # [B, N, C] norm_final + modulation, fused
         return self.linear(x)  # [B, N, prod(patch) * C_out]

@@ -25,6 +25,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from mgkernels.modulate import modulate
+from mgkernels.residual_modulate import residual_modulate
+
 from .layers import (
     Attention,
     CaptionEmbedder,
@@ -37,7 +40,6 @@ from .layers import (
     approx_gelu,
     sincos_1d,
     sincos_2d,
-    t2i_modulate,
 )
 
 _DTYPES = {
@@ -105,23 +107,20 @@ class STDiTBlock(nn.Module):
         ).chunk(6, dim=1)  # 6 x [B, 1, C]
 
         # spatial branch: attention among the S tokens of each frame
-        x_m = t2i_modulate(self.norm1(x), shift_msa, scale_msa)  # [B, T*S, C]
-        x_s = self.attn(x_m.reshape(B * T, S, C))  # [B*T, S, C]
-        x = x + self.drop_path(gate_msa * x_s.reshape(B, N, C))  # [B, T*S, C]
+        x_m = modulate(x, shift_msa, scale_msa)  # [B, T*S, C] LayerNorm + S-AdaLN, fused
+        x_s = self.attn.forward_st(x_m, T, S, "spatial")  # [B, T*S, C]
+        x = x + self.drop_path(gate_msa * x_s)  # [B, T*S, C]
 
         # temporal branch: attention among the T frames at each spatial position (un-normalised input)
-        x_t = x.reshape(B, T, S, C).transpose(1, 2).reshape(B * S, T, C)  # [B*S, T, C]
-        if tpe is not None:
-            x_t = x_t + tpe  # [B*S, T, C]
-        x_t = self.attn_temp(x_t)  # [B*S, T, C]
-        x_t = x_t.reshape(B, S, T, C).transpose(1, 2).reshape(B, N, C)  # [B, T*S, C]
+        x_t = x if tpe is None else (x.view(B, T, S, C) + tpe[:, :, None]).view(B, N, C)  # [B, T*S, C]
+        x_t = self.attn_temp.forward_st(x_t, T, S, "temporal")  # [B, T*S, C]
         x = x + self.drop_path(gate_msa * x_t)  # [B, T*S, C] (gate_msa reused)
 
-        # cross-attention to the caption (no norm, no gate)
-        x = x + self.cross_attn(x, y, mask)  # [B, T*S, C]
+        # cross-attention to the caption (no norm, no gate); its residual add is fused with the MLP's
+        # LayerNorm + modulation
+        x, x_m = residual_modulate(x, self.cross_attn(x, y, mask), None, shift_mlp, scale_mlp)  # 2 x [B, T*S, C]
 
         # MLP
-        x_m = t2i_modulate(self.norm2(x), shift_mlp, scale_mlp)  # [B, T*S, C]
         x = x + self.drop_path(gate_mlp * self.mlp(x_m))  # [B, T*S, C]
         return x
 
