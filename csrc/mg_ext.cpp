@@ -3,6 +3,8 @@
 // the build facts that `modelgrow env` and the kernel dispatcher read.
 #include <torch/extension.h>
 
+#include "modulate.h"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -54,4 +56,18 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ModelGrow fused operators (CPU; CUDA when built with nvcc)";
   m.def("build_info", &build_info, "How this extension was compiled: OpenMP, SIMD level, CUDA, compiler.");
+
+  // S-AdaLN modulation (csrc/modulate.cpp; CUDA in csrc/modulate_cuda.cu when built with nvcc).
+  m.def("modulate_fwd", &mg::modulate_fwd, py::arg("x"), py::arg("shift"), py::arg("scale"), py::arg("eps"),
+        "y = LayerNorm(x) * (1 + scale) + shift -> (y, mean, rstd)");
+  m.def("modulate_bwd", &mg::modulate_bwd, py::arg("dy"), py::arg("x"), py::arg("scale"), py::arg("mean"),
+        py::arg("rstd"), "Backward of modulate_fwd -> (dx, dscale, dshift)");
+  m.def("residual_modulate_fwd", &mg::residual_modulate_fwd, py::arg("x"), py::arg("h"), py::arg("gate"),
+        py::arg("shift"), py::arg("scale"), py::arg("eps"),
+        "x_new = x + gate * h (gate None: 1); y = LayerNorm(x_new) * (1 + scale) + shift -> (x_new, y, mean, rstd)");
+  m.def("residual_modulate_bwd", &mg::residual_modulate_bwd, py::arg("dy"), py::arg("dxnew"), py::arg("h"),
+        py::arg("gate"), py::arg("x_new"), py::arg("scale"), py::arg("mean"), py::arg("rstd"),
+        "Backward of residual_modulate_fwd -> (dx, dh, dgate, dshift, dscale); dgate is empty when gate is None");
+  m.def("modulate_cpu_isa", &mg::modulate_cpu_isa,
+        "CPU code path of the modulate kernels chosen at run time: 'avx2' or 'baseline' (MG_CPU_ISA=baseline)");
 }

@@ -49,7 +49,10 @@ def build_info() -> dict[str, Any]:
     """How the extension was compiled (OpenMP, SIMD level, CUDA, compiler); {'available': False, ...} if absent."""
     if _C is None:
         return {"available": False, "reason": _ERROR}
-    return {"available": True, **dict(_C.build_info())}
+    info = {"available": True, **dict(_C.build_info())}
+    if hasattr(_C, "modulate_cpu_isa"):
+        info["cpu_isa"] = _C.modulate_cpu_isa()  # picked at run time (AVX2+FMA where the CPU has it)
+    return info
 
 
 def ext() -> Any:
