@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PINS   := -c constraints.txt torch==2.13.0 triton==3.7.1
 STAMP  := $(VENV)/.modelgrow-installed
-EXTRAS ?= dev
+EXTRAS ?= dev,text
 
 .PHONY: install demo test clean-ext
 
@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h
 	$(PIP) install -q --upgrade "pip>=23" "setuptools>=77" wheel
 	$(PIP) install -q $(PINS) pybind11 ninja
 	$(PIP) install -q --no-build-isolation $(PINS) -e ".[$(EXTRAS)]"
+	# test data: a real Llama SentencePiece model ships inside mistral-common (its own deps are not needed)
+	$(PIP) install -q --no-deps "mistral-common>=1.5"
 	$(PY) -c "import modelgrow, mgkernels; print('modelgrow', modelgrow.__version__, '| csrc extension:', 'built' if mgkernels.ext_available() else mgkernels.ext_error())"
 	@touch $@
 

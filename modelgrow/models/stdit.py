@@ -66,7 +66,9 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 class STDiTBlock(nn.Module):
-    """One STDiT block: spatial self-attn -> temporal self-attn -> T5 cross-attn -> MLP, adaLN-single."""
+    """One STDiT block: spatial self-attn -> temporal self-attn -> T5 cross-attn [-> gated LLM cross-attn]
+    -> MLP, adaLN-single. ``llm_gate`` = None builds Open-Sora's block; "scalar" / "per_head" adds the
+    ModelGrow LLM cross-attention whose output is scaled by tanh(llm_gate) (llm_gate = 0 at init)."""
 
     def __init__(
         self,
@@ -76,9 +78,11 @@ class STDiTBlock(nn.Module):
         d_t: int,
         mlp_ratio: float = 4.0,
         drop_path: float = 0.0,
+        llm_gate: str | None = None,
     ):
         super().__init__()
         self.hidden_size = hidden_size
+        self.num_heads = num_heads
         self.d_s = d_s  # spatial tokens per frame
         self.d_t = d_t  # frames
         self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
@@ -89,6 +93,20 @@ class STDiTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
         self.attn_temp = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
+        if llm_gate is not None:
+            if llm_gate not in ("scalar", "per_head"):
+                raise ValueError(f"llm_gate must be 'scalar' or 'per_head', got {llm_gate!r}")
+            self.llm_cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
+            self.llm_gate = nn.Parameter(torch.zeros(1 if llm_gate == "scalar" else num_heads))
+
+    @property
+    def has_llm(self) -> bool:
+        return hasattr(self, "llm_cross_attn")
+
+    def llm_gate_vector(self) -> torch.Tensor:
+        """tanh(llm_gate) broadcast to the C channels: [C] (per-head gates repeat over each head's D)."""
+        g = torch.tanh(self.llm_gate)
+        return g.expand(self.hidden_size) if g.numel() == 1 else g.repeat_interleave(self.hidden_size // self.num_heads)
 
     def forward(
         self,
@@ -97,9 +115,12 @@ class STDiTBlock(nn.Module):
         t: torch.Tensor,
         mask: torch.Tensor | None = None,
         tpe: torch.Tensor | None = None,
+        y_llm: torch.Tensor | None = None,
+        llm_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [B, T*S, C]; y [B, L, C] embedded caption; t [B, 6C] (t_block output); mask [B, L] bool
-        key-padding mask or None; tpe [1, T, C] temporal position embedding or None."""
+        key-padding mask or None; tpe [1, T, C] temporal position embedding or None; y_llm [B, L', C]
+        embedded LLM condition and llm_mask [B, L'] (blocks with the LLM cross-attention only)."""
         B, N, C = x.shape
         T, S = self.d_t, self.d_s
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
@@ -116,9 +137,17 @@ class STDiTBlock(nn.Module):
         x_t = self.attn_temp.forward_st(x_t, T, S, "temporal")  # [B, T*S, C]
         x = x + self.drop_path(gate_msa * x_t)  # [B, T*S, C] (gate_msa reused)
 
-        # cross-attention to the caption (no norm, no gate); its residual add is fused with the MLP's
-        # LayerNorm + modulation
-        x, x_m = residual_modulate(x, self.cross_attn(x, y, mask), None, shift_mlp, scale_mlp)  # 2 x [B, T*S, C]
+        # cross-attention to the caption (no norm, no gate); the last residual add before the MLP is fused
+        # with its LayerNorm + modulation
+        if not self.has_llm:
+            x, x_m = residual_modulate(x, self.cross_attn(x, y, mask), None, shift_mlp, scale_mlp)  # 2 x [B, T*S, C]
+        else:
+            if y_llm is None:
+                raise ValueError("this block has an LLM cross-attention: pass y_llm (the model passes its null embedding)")
+            x = x + self.cross_attn(x, y, mask)  # [B, T*S, C]
+            # LLM cross-attention scaled by tanh(llm_gate): gate + residual + LayerNorm + modulation in one pass
+            h = self.llm_cross_attn(x, y_llm, llm_mask)  # [B, T*S, C]
+            x, x_m = residual_modulate(x, h, self.llm_gate_vector(), shift_mlp, scale_mlp)  # 2 x [B, T*S, C]
 
         # MLP
         x = x + self.drop_path(gate_mlp * self.mlp(x_m))  # [B, T*S, C]
@@ -151,6 +180,10 @@ class STDiT(nn.Module):
         enable_layernorm_kernel: bool = False,
         enable_sequence_parallelism: bool = False,
         temporal_pos_block: int = 0,
+        llm_channels: int | None = None,
+        llm_max_length: int = 120,
+        llm_gate: str = "scalar",
+        growth: dict | None = None,
     ):
         super().__init__()
         input_size, patch_size = tuple(int(v) for v in input_size), tuple(int(v) for v in patch_size)
@@ -206,6 +239,11 @@ class STDiT(nn.Module):
             freeze=freeze,
             temporal_pos_block=temporal_pos_block,
         )
+        if llm_channels is not None:  # ModelGrow's LLM condition (modelgrow.grow.add_llm_condition)
+            self.config.update(llm_channels=llm_channels, llm_max_length=llm_max_length, llm_gate=llm_gate)
+        if growth is not None:  # provenance of grown blocks (modelgrow.grow.expand)
+            self.config["growth"] = growth
+        self.growth = growth
 
         self.register_buffer("pos_embed", self.get_spatial_pos_embed())  # [1, S, C]
         self.register_buffer("pos_embed_temporal", self.get_temporal_pos_embed())  # [1, T, C]
@@ -220,6 +258,9 @@ class STDiT(nn.Module):
             act_layer=approx_gelu,
             token_num=model_max_length,
         )
+        if llm_channels is not None:
+            # LLM hidden states -> model width, like the caption embedder; its y_embedding is the null LLM condition
+            self.llm_embedder = CaptionEmbedder(llm_channels, hidden_size, uncond_prob=0.0, act_layer=approx_gelu, token_num=llm_max_length)
         # stochastic-depth rates as Open-Sora computes them (float32 linspace); on CPU even under a meta context
         drop_rates = torch.linspace(0, drop_path, depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
@@ -231,6 +272,7 @@ class STDiT(nn.Module):
                     d_t=self.num_temporal,
                     mlp_ratio=mlp_ratio,
                     drop_path=drop_rates[i],
+                    llm_gate=llm_gate if llm_channels is not None else None,
                 )
                 for i in range(depth)
             ]
@@ -251,6 +293,10 @@ class STDiT(nn.Module):
         timestep: torch.Tensor,
         y: torch.Tensor,
         mask: torch.Tensor | None = None,
+        y_llm: torch.Tensor | None = None,
+        llm_mask: torch.Tensor | None = None,
+        drop_t5: torch.Tensor | None = None,
+        drop_llm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         x:        [B, C_in, T, H, W] video latent (T, H, W as ``input_size``).
@@ -258,9 +304,16 @@ class STDiT(nn.Module):
         y:        [B, 1, L, caption_channels] (or [B, L, caption_channels]) text-encoder states.
         mask:     [B', L] with B' dividing B (a CFG batch reuses the prompt masks), non-zero = real token;
                   None = every token is real.
+        y_llm, llm_mask: the LLM condition [B, 1, L', llm_channels] and its mask (models with the LLM
+                  condition only; y_llm None = the null LLM condition).
+        drop_t5, drop_llm: [B] bool, replace those samples' T5 caption / LLM condition by the null
+                  embedding (the trainer's joint condition dropout; given drop_t5 replaces the random
+                  caption dropout of training mode).
         returns   [B, out_channels, T, H, W] in float32.
         """
         self._check_inputs(x, timestep, y, mask)
+        if y_llm is not None and not hasattr(self, "llm_embedder"):
+            raise ValueError("y_llm was given but this model has no LLM condition (add one with modelgrow.grow.add_llm_condition)")
         x = x.to(self.dtype)
         timestep = timestep.to(self.dtype)
         y = y.to(self.dtype)
@@ -274,18 +327,40 @@ class STDiT(nn.Module):
         x = (x.reshape(B, T, S, C) + self.pos_embed).reshape(B, T * S, C)  # [B, T*S, C]
         t = self.t_embedder(timestep, dtype=x.dtype)  # [B, C]
         t0 = self.t_block(t)  # [B, 6C]
-        y = self.y_embedder(y, self.training).squeeze(1)  # [B, L, C]
+        y = self.y_embedder(y, self.training, force_drop_ids=drop_t5).squeeze(1)  # [B, L, C]
         y_mask = self.caption_mask(mask, y.shape[0])  # [B, L] bool or None
+        y_llm, llm_mask = self._llm_condition(y_llm, llm_mask, drop_llm, B)  # [B, L', C], [B, L'] or None
 
         # blocks
         for i, block in enumerate(self.blocks):
             tpe = self.pos_embed_temporal if i == self.temporal_pos_block else None  # [1, T, C]
-            x = block(x, y, t0, y_mask, tpe)  # [B, T*S, C]
+            if y_llm is None:
+                x = block(x, y, t0, y_mask, tpe)  # [B, T*S, C]
+            else:
+                x = block(x, y, t0, y_mask, tpe, y_llm, llm_mask)  # [B, T*S, C]
 
         # head
         x = self.final_layer(x, t)  # [B, T*S, prod(patch) * C_out]
         x = self.unpatchify(x)  # [B, C_out, T, H, W]
         return x.to(torch.float32)
+
+    def _llm_condition(self, y_llm, llm_mask, drop_llm, batch):
+        """Embed the LLM condition (the null embedding where y_llm is None or drop_llm is set)."""
+        if not hasattr(self, "llm_embedder"):
+            return None, None
+        null = self.llm_embedder.y_embedding
+        if y_llm is None:
+            y_llm = null[None, None].expand(batch, 1, -1, -1)
+            llm_mask = None
+        y_llm = y_llm.to(self.dtype)
+        if y_llm.ndim == 3:
+            y_llm = y_llm.unsqueeze(1)
+        if y_llm.shape[0] != batch or tuple(y_llm.shape[2:]) != tuple(null.shape):
+            raise ValueError(f"y_llm must be [B, 1, {null.shape[0]}, {null.shape[1]}] with B = {batch}; got {list(y_llm.shape)}")
+        y_llm = self.llm_embedder(y_llm, False, force_drop_ids=drop_llm).squeeze(1)  # [B, L', C]
+        if drop_llm is not None and llm_mask is not None:  # a dropped sample sees the whole null sequence
+            llm_mask = self.caption_mask(llm_mask, batch) | (drop_llm.to(y_llm.device) == 1)[:, None]
+        return y_llm, self.caption_mask(llm_mask, batch)
 
     @staticmethod
     def caption_mask(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
