@@ -3,6 +3,7 @@
     modelgrow env                                   # versions, devices, kernel providers
     modelgrow config [--config X.toml] [--section.key v ...] [--out F] [--keys]
     modelgrow export --ckpt IN --out DIR [--config X.toml] [--section.key v ...]
+    modelgrow grow --ckpt IN --out OUT --strategy insert --ratio 1 [--llm 4096] [--section.key v ...]
     modelgrow demo                                  # the end-to-end demo (not implemented yet)
 """
 
@@ -89,6 +90,41 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _load_model_for(args: argparse.Namespace, cfg):
+    """A pretrained dir loads with its own config; any other checkpoint needs the [model] config."""
+    from .models import STDiT, from_pretrained, load_checkpoint
+    from .models.checkpoint import CONFIG_NAME
+
+    if Path(args.ckpt).is_dir() and (Path(args.ckpt) / CONFIG_NAME).exists():
+        return from_pretrained(args.ckpt)
+    model = STDiT(**cfg.model.stdit_kwargs())
+    print(load_checkpoint(model, args.ckpt).describe())
+    return model
+
+
+def cmd_grow(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .config import save_config
+    from .grow import add_llm_condition, expand
+    from .models import count_parameters, save_pretrained
+
+    cfg = _load_cfg(args, overrides)
+    g = cfg.grow
+    if g.strategy == "none" and not g.llm:
+        raise ValueError("nothing to do: set --grow.strategy insert|prefix|suffix and/or --grow.llm true")
+    model = _load_model_for(args, cfg)
+    before = (len(model.blocks), count_parameters(model))
+    if g.strategy != "none":
+        model = expand(model, g.strategy, ratio=None if g.num_new else g.ratio, num_new=g.num_new)
+    if g.llm:
+        model = add_llm_condition(model, g.llm_channels, g.llm_max_length, copy_t5=g.copy_t5_to_llm, per_head_gate=g.per_head_gate)
+    after = (len(model.blocks), count_parameters(model))
+    out = save_pretrained(model, args.out, extra={"source": str(args.ckpt)})
+    save_config(cfg, out / "modelgrow.toml")
+    print(f"depth {before[0]} -> {after[0]}, parameters {before[1]:,} -> {after[1]:,}")
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     print(
         "modelgrow demo is not implemented yet: the end-to-end demo (synthetic videos -> pre-train -> grow + LLM "
@@ -122,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta-load", action="store_true", help="build the model on the meta device (no init memory; strict only)")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("grow", help="expand a checkpoint's blocks and/or add the LLM condition (function preserving)")
+    _add_config_args(p)
+    p.add_argument("--ckpt", type=Path, required=True, help="pretrained dir, or .pth/.safetensors with --model.* overrides")
+    p.add_argument("--out", type=Path, required=True, help="output pretrained dir")
+    p.add_argument("--strategy", dest="_strategy", default=None, choices=["insert", "prefix", "suffix", "none"],
+                   help="shorthand for --grow.strategy")
+    p.add_argument("--ratio", dest="_ratio", default=None, help="shorthand for --grow.ratio (k, e.g. 1, 0.5, 2)")
+    p.add_argument("--num-new", dest="_num_new", default=None, help="shorthand for --grow.num_new (P new blocks)")
+    p.add_argument("--llm", dest="_llm", default=None, type=int, metavar="CHANNELS",
+                   help="shorthand for --grow.llm true --grow.llm_channels CHANNELS")
+    p.set_defaults(func=cmd_grow)
+
     p = sub.add_parser("demo", help="the end-to-end demo (not implemented yet)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -132,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("config", "export"):
+    for short, key in (("_strategy", "strategy"), ("_ratio", "ratio"), ("_num_new", "num_new")):
+        if getattr(args, short, None) is not None:
+            rest += [f"--grow.{key}", str(getattr(args, short))]
+    if getattr(args, "_llm", None) is not None:
+        rest += ["--grow.llm", "true", "--grow.llm_channels", str(args._llm)]
+    if rest and args.command not in ("config", "export", "grow"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)

@@ -95,7 +95,10 @@ class ModelConfig:
 class GrowConfig:
     strategy: Literal["none", "insert", "prefix", "suffix"] = _f("none", "block expansion strategy (none = no expansion)")
     ratio: float = _f(1.0, "expansion ratio k = new blocks / original blocks (insert: k = x/y in lowest terms)")
+    num_new: int | None = _f(None, "number of new blocks P = k * N instead of ratio (prefix/suffix/insert)")
     llm: bool = _f(False, "add the gated LLM cross-attention to every block")
+    llm_channels: int = _f(4096, "hidden size of the LLM whose states condition the model (Llama-3-8B: 4096)")
+    llm_max_length: int = _f(120, "LLM condition tokens (user-prompt tokens after template cropping)")
     copy_t5_to_llm: bool = _f(True, "initialise the LLM cross-attention from the T5 one (False: the 'w/o duplication' ablation)")
     per_head_gate: bool = _f(False, "one tanh gate per head instead of one per block")
     train_new_only: bool = _f(False, "freeze the original blocks (LLaMA-Pro style); the paper trains everything")
@@ -103,6 +106,8 @@ class GrowConfig:
     def __post_init__(self) -> None:
         _check(self.strategy in ("none", "insert", "prefix", "suffix"), "grow.strategy", f"unknown strategy {self.strategy!r}")
         _check(self.ratio > 0, "grow.ratio", f"must be > 0, got {self.ratio}")
+        _check(self.num_new is None or self.num_new > 0, "grow.num_new", f"must be > 0, got {self.num_new}")
+        _check(self.llm_channels > 0 and self.llm_max_length > 0, "grow", "llm_channels and llm_max_length must be > 0")
 
 
 @dataclass

@@ -78,3 +78,23 @@ def test_cli_export_open_sora_checkpoint(tmp_path):
 def test_demo_says_plainly_it_is_not_there_yet():
     r = _run(["-m", "modelgrow", "demo"], check=False)
     assert r.returncode == 2 and "not implemented yet" in r.stderr
+
+
+def test_cli_grow(tmp_path):
+    from modelgrow.models import save_pretrained
+
+    src = randomize_(STDiT(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=8,
+                           input_size=(4, 8, 8), class_dropout_prob=0.0)).eval()
+    save_pretrained(src, tmp_path / "base")
+    r = _run(["-m", "modelgrow", "grow", "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "grown"),
+              "--strategy", "insert", "--ratio", "1", "--llm", "24", "--grow.llm_max_length", "6"])
+    assert "depth 2 -> 4" in r.stdout
+    grown = from_pretrained(tmp_path / "grown")
+    assert grown.config["growth"]["sources"] == [0, 0, 1, 1] and grown.config["llm_channels"] == 24
+    x, t, y = torch.randn(1, 4, 4, 8, 8), torch.tensor([9.0]), torch.randn(1, 1, 8, 32)
+    with torch.no_grad():  # exact in-process (test_grow); here the weights come back from disk, whose buffer
+        # alignment can change the SIMD summation order by an ulp or two
+        torch.testing.assert_close(grown(x, t, y, y_llm=torch.randn(1, 1, 6, 24)), src(x, t, y), rtol=1e-6, atol=1e-6)
+    bad = _run(["-m", "modelgrow", "grow", "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "bad"),
+                "--strategy", "insert", "--ratio", "0.3333"], check=False)
+    assert bad.returncode == 2 and "divisible" in bad.stderr and not (tmp_path / "bad").exists()
