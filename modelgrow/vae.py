@@ -1,0 +1,92 @@
+"""Video VAE: diffusers ``AutoencoderKL`` (the sd-vae-ft-ema layout Open-Sora v1.0 uses) applied frame by
+frame in micro-batches, latents scaled by 0.18215.
+
+    vae = VideoVAE.from_pretrained("weights/sd-vae-ft-ema", micro_batch_size=4)
+    z = vae.encode(video)     # [B, 3, T, H, W] in [-1, 1] -> [B, 4, T, H/8, W/8]
+    video = vae.decode(z)     # and back
+
+Weights load from a local directory only (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SCALING_FACTOR = 0.18215
+
+
+def is_diffusers_available() -> bool:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class VideoVAE(nn.Module):
+    """Frame-wise wrapper around an ``AutoencoderKL``; ``micro_batch_size`` frames go through at a time
+    (None: all frames of the batch at once)."""
+
+    def __init__(self, module: nn.Module, micro_batch_size: int | None = 4, scaling_factor: float = SCALING_FACTOR,
+                 sample_posterior: bool = True):
+        super().__init__()
+        if micro_batch_size is not None and micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be > 0 or None, got {micro_batch_size}")
+        self.module = module
+        self.micro_batch_size = micro_batch_size
+        self.scaling_factor = scaling_factor
+        self.sample_posterior = sample_posterior
+        self.out_channels = module.config.latent_channels
+        self.patch_size = (1, 2 ** (len(module.config.block_out_channels) - 1), 2 ** (len(module.config.block_out_channels) - 1))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, micro_batch_size: int | None = 4, device=None, dtype=None, **kw) -> VideoVAE:
+        if not is_diffusers_available():
+            raise ImportError("the VAE needs diffusers: pip install diffusers")
+        from diffusers import AutoencoderKL
+
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: no AutoencoderKL here (config.json missing); VAEs load from local directories only")
+        module = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        vae = cls(module.eval().requires_grad_(False), micro_batch_size=micro_batch_size, **kw)
+        return vae.to(device=device, dtype=dtype)
+
+    def get_latent_size(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(T, H, W) pixels -> (T, H/8, W/8) latent."""
+        return tuple(s // p for s, p in zip(input_size, self.patch_size))  # type: ignore[return-value]
+
+    def _framewise(self, x: torch.Tensor, fn) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(B * T, C, H, W)
+        step = self.micro_batch_size or frames.shape[0]
+        out = torch.cat([fn(frames[i : i + step]) for i in range(0, frames.shape[0], step)])
+        return out.reshape(B, T, *out.shape[1:]).permute(0, 2, 1, 3, 4)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[B, 3, T, H, W] in [-1, 1] -> scaled latents [B, C_z, T, H/8, W/8]."""
+        if x.ndim != 5 or x.shape[1] != 3:
+            raise ValueError(f"expected a video batch [B, 3, T, H, W]; got {list(x.shape)}")
+
+        def enc(f):
+            dist = self.module.encode(f.to(self.dtype)).latent_dist
+            z = dist.sample(generator=generator) if self.sample_posterior else dist.mode()
+            return z * self.scaling_factor
+
+        return self._framewise(x, enc)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, C_z, T, h, w] -> videos [B, 3, T, 8h, 8w] (roughly in [-1, 1])."""
+        if z.ndim != 5 or z.shape[1] != self.out_channels:
+            raise ValueError(f"expected latents [B, {self.out_channels}, T, h, w]; got {list(z.shape)}")
+        return self._framewise(z, lambda f: self.module.decode(f.to(self.dtype) / self.scaling_factor).sample)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.module.parameters()).dtype
