@@ -1,0 +1,72 @@
+"""Shared helpers of the text package: local-only loading, device/dtype resolution."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+LOCAL_ONLY_MSG = "models are loaded from local directories only (no hub downloads)"
+
+
+def check_local_dir(path: str | os.PathLike, what: str = "model") -> str:
+    """Return ``path`` as a string if it is an existing local directory, else raise ``FileNotFoundError``."""
+    p = os.fspath(path)
+    if not os.path.isdir(p):
+        raise FileNotFoundError(f"{what} directory not found: {p!r}; {LOCAL_ONLY_MSG}")
+    return p
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 elsewhere; strings like "bf16" / "float32" are accepted."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(_DTYPES)}") from None
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_pretrained(cls, path: str, dtype: torch.dtype, ignore_unexpected: tuple[str, ...] = ()):
+    """``cls.from_pretrained(path, local_files_only=True, dtype=dtype)`` without transformers' load report and
+    progress bar. Raises ``RuntimeError`` when weights are missing (a frozen encoder with random weights would
+    silently produce noise); unexpected keys starting with one of ``ignore_unexpected`` (e.g. the ``lm_head.``
+    of a causal-LM checkpoint loaded as its base model) are fine, other unexpected keys are warned about."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(path, local_files_only=True, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise RuntimeError(f"{path}: {len(missing)} weights missing from the checkpoint, e.g. {missing[:5]}")
+    unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(ignore_unexpected))
+    if unexpected:
+        warnings.warn(f"{path}: {len(unexpected)} unused checkpoint weights, e.g. {unexpected[:5]}", stacklevel=3)
+    return model

@@ -1,0 +1,350 @@
+"""Prompt recaptioning with a local instruct LLM (the paper's "modified re-captioning", Sec. 3.3 and its
+recaption instruction): short prompt p -> detailed prompt p_l of ``min_words``..``max_words`` words.
+
+Generation
+    The paper's instruction (``RECAPTION_INSTRUCTION``) is the system message and the prompt the user message,
+    rendered with the tokenizer's chat template (``add_generation_prompt=True``) when it has one; otherwise a
+    plain-text form ``"{instruction}\\n\\nPrompt: {prompt}\\nReply:"``. Prompts are generated in batches with
+    left padding (decoder-only batching); greedy by default (``do_sample=False``), sampled otherwise.
+
+Word-range policy (words = whitespace-separated tokens, ``count_words``)
+    1. clean: drop special tokens and template markers (``<|...|>``, ``<s>``, ``[INST]`` ...), a leading
+       ``Reply:`` / ``Rewritten prompt:`` label, wrapping quotes; collapse whitespace.
+    2. too long: cut to ``max_words`` words at a word boundary -- at the last sentence end (``.``, ``!``, ``?``)
+       that still leaves at least ``min_words`` words, else exactly after word ``max_words``.
+    3. too short: regenerate the short ones up to ``retries`` times with sampling (``temperature``/``top_p``)
+       and seed ``seed + attempt`` (deterministic for a given seed), keeping the longest candidate.
+    4. still short: extend deterministically by appending the original prompt's words (cyclically) until
+       ``min_words`` is reached, then apply step 2. The result always has ``min_words <= n <= max_words`` words,
+       except for an empty prompt, which gives ``""`` (there is nothing to rewrite).
+
+CLI (``modelgrow recaption ...`` -> ``main(argv)``)
+    ``--prompts-file F`` (one prompt per line, blank lines skipped) -> ``--out``: ``*.jsonl`` gets one object
+    per prompt ``{"short", "long", "prompt"}`` (``prompt`` = the ``--mode`` merge), any other extension one
+    merged prompt per line. ``--csv IN`` -> ``--out`` CSV with a ``long_caption`` column added (the long prompt
+    itself; the data loader merges by ``data.prompt_mode``), other columns and row order kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Sequence
+
+import torch
+
+from ._common import check_local_dir, freeze, load_pretrained, resolve_device, resolve_dtype
+from .prompts import PROMPT_MODES, merge_prompt
+
+__all__ = ["Recaptioner", "RECAPTION_INSTRUCTION", "recaption_instruction", "count_words", "enforce_word_range",
+           "clean_generation", "main"]
+
+# The paper's recaption instruction, verbatim (its recaption figure).
+RECAPTION_INSTRUCTION = (
+    "Your task is to rewrite the provided prompt into a new one that offers more specific details. "
+    "There are also some requirements: 1. Add specific details about objects, entities, and motions. "
+    "2. Ensure the new prompt stays true to the original content. "
+    "3. Keep the rewritten prompt between 35 and 128 words."
+)
+
+
+def recaption_instruction(min_words: int = 35, max_words: int = 128) -> str:
+    """The paper's instruction with the word range filled in (the verbatim text for 35/128)."""
+    return RECAPTION_INSTRUCTION.replace("between 35 and 128 words", f"between {min_words} and {max_words} words")
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+_MARKERS = re.compile(
+    r"<\|[^|>]{0,40}\|>|</?s>|<unk>|<pad>|\[/?INST\]|<<SYS>>|<</SYS>>|<start_of_turn>|<end_of_turn>"
+)
+_LABEL = re.compile(
+    r"^\s*(?:(?:assistant|llms?|reply|answer|rewritten(?: prompt)?|new prompt|prompt|output)\s*:\s*)+", re.I
+)
+_QUOTED = re.compile(r'^\s*["\u201c\u2018\'](.*)["\u201d\u2019\']\s*$', re.S)
+
+
+def clean_generation(text: str) -> str:
+    """Strip template echoes / special tokens / labels / wrapping quotes and collapse whitespace."""
+    text = _MARKERS.sub(" ", text)
+    text = re.sub(r"^\s*(?:system|user|assistant)\s*\n", "", text)  # role header left by a stripped marker
+    text = _LABEL.sub("", text)
+    m = _QUOTED.match(text)
+    if m:
+        text = m.group(1)
+    return " ".join(text.split())
+
+
+def _truncate(words: list[str], min_words: int, max_words: int) -> list[str]:
+    if len(words) <= max_words:
+        return words
+    for k in range(max_words, min_words - 1, -1):  # last sentence end that keeps >= min_words words
+        if words[k - 1].endswith((".", "!", "?")):
+            return words[:k]
+    return words[:max_words]
+
+
+def enforce_word_range(text: str, original: str, min_words: int, max_words: int) -> str:
+    """Steps 1, 2 and 4 of the policy: clean, cut to ``max_words``, fill up to ``min_words`` from ``original``."""
+    words = clean_generation(text).split()
+    fill = str(original).split()
+    if len(words) < min_words and fill:
+        i = 0
+        while len(words) < min_words:
+            words.append(fill[i % len(fill)])
+            i += 1
+    if not fill and not words:
+        return ""
+    return " ".join(_truncate(words, min_words, max_words))
+
+
+class Recaptioner:
+    """Rewrite short prompts into detailed ones with a local instruct LLM (``transformers`` ``generate``).
+
+    Args:
+        path: local model directory (a causal LM and its tokenizer).
+        max_new_tokens: generation budget per prompt (128 words are roughly 170-200 tokens).
+        batch_size: prompts per ``generate`` call.
+        min_words, max_words: the enforced word range (the paper: 35..128).
+        seed: base seed of sampled generation and retries.
+        do_sample, temperature, top_p: first-pass decoding (greedy by default); retries always sample.
+        retries: regeneration rounds for outputs shorter than ``min_words``.
+        instruction: the system instruction (default: the paper's, with the word range filled in).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        max_new_tokens: int = 256,
+        batch_size: int = 8,
+        min_words: int = 35,
+        max_words: int = 128,
+        seed: int = 0,
+        do_sample: bool = False,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        retries: int = 2,
+        instruction: str | None = None,
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = check_local_dir(path, "recaption LLM")
+        if not 1 <= min_words <= max_words:
+            raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
+        if batch_size < 1 or max_new_tokens < 1 or retries < 0:
+            raise ValueError("batch_size and max_new_tokens must be >= 1, retries >= 0")
+        self.path = path
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.tokenizer.padding_side = "left"  # decoder-only batching: the new tokens follow every prompt
+        self.model = freeze(load_pretrained(AutoModelForCausalLM, path, self.dtype))
+        self.model.to(self.device)
+        self.max_new_tokens = int(max_new_tokens)
+        self.batch_size = int(batch_size)
+        self.min_words = int(min_words)
+        self.max_words = int(max_words)
+        self.seed = int(seed)
+        self.do_sample = bool(do_sample)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.retries = int(retries)
+        self.instruction = instruction or recaption_instruction(self.min_words, self.max_words)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (
+            tok.eos_token_id if tok.eos_token_id is not None else 0)
+
+    # ------------------------------------------------------------------------------------------------------
+    def build_input(self, prompt: str) -> str:
+        """The generation input text for one prompt."""
+        tok = self.tokenizer
+        prompt = " ".join(str(prompt).split())
+        if getattr(tok, "chat_template", None):
+            msgs = [{"role": "system", "content": self.instruction}, {"role": "user", "content": prompt}]
+            try:
+                return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            except Exception:  # noqa: BLE001 - no system role in this template
+                msgs = [{"role": "user", "content": f"{self.instruction}\n\nPrompt: {prompt}"}]
+                return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        return f"{self.instruction}\n\nPrompt: {prompt}\nReply:"
+
+    def _encode_inputs(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer
+        # a chat template writes its own BOS; the plain-text form gets the tokenizer's usual special tokens
+        add_special = not getattr(tok, "chat_template", None)
+        rows = [list(tok(self.build_input(p), add_special_tokens=add_special)["input_ids"]) for p in prompts]
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), self.pad_id, dtype=torch.long)
+        att = torch.zeros_like(ids)
+        for i, r in enumerate(rows):  # left padding
+            ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+            att[i, T - len(r):] = 1
+        return ids, att
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], do_sample: bool | None = None, seed: int | None = None) -> list[str]:
+        """Raw (decoded, special tokens skipped) generations for ``prompts``, in batches of ``batch_size``."""
+        do_sample = self.do_sample if do_sample is None else do_sample
+        seed = self.seed if seed is None else seed
+        out: list[str] = []
+        devices = [self.device] if self.device.type == "cuda" else []
+        for b in range(0, len(prompts), self.batch_size):
+            chunk = prompts[b : b + self.batch_size]
+            ids, att = self._encode_inputs(chunk)
+            kw = dict(max_new_tokens=self.max_new_tokens, do_sample=do_sample, pad_token_id=self.pad_id)
+            if do_sample:
+                kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
+            else:
+                kw.update(temperature=None, top_p=None, top_k=None)
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed + b)
+                gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device), **kw)
+            new = gen[:, ids.shape[1]:].cpu()
+            out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+        return out
+
+    def recaption(self, prompts: list[str]) -> list[str]:
+        """Short prompts -> long prompts of ``min_words``..``max_words`` words (see the module docstring)."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list of strings, not a single string")
+        prompts = [" ".join(str(p).split()) for p in prompts]
+        todo = [i for i, p in enumerate(prompts) if p]
+        best = {i: "" for i in todo}
+        if todo:
+            for i, g in zip(todo, self.generate([prompts[i] for i in todo]), strict=True):
+                best[i] = clean_generation(g)
+        for attempt in range(1, self.retries + 1):
+            short = [i for i in todo if count_words(best[i]) < self.min_words]
+            if not short:
+                break
+            gens = self.generate([prompts[i] for i in short], do_sample=True, seed=self.seed + 1000 * attempt)
+            for i, g in zip(short, gens, strict=True):
+                g = clean_generation(g)
+                if count_words(g) > count_words(best[i]):
+                    best[i] = g
+        return [enforce_word_range(best[i], p, self.min_words, self.max_words) if p else ""
+                for i, p in enumerate(prompts)]
+
+    __call__ = recaption
+
+    def recaption_csv(self, in_csv: str, out_csv: str, caption_col: str = "caption",
+                      out_col: str = "long_caption", overwrite: bool = False) -> int:
+        """Add ``out_col`` (the long prompt of each row's ``caption_col``) to a CSV manifest, keeping every other
+        column and the row order; identical captions are recaptioned once. Written atomically to ``out_csv``.
+        Returns the number of rows."""
+        with open(in_csv, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = list(reader.fieldnames or [])
+            rows = list(reader)
+        if caption_col not in fields:
+            raise KeyError(f"{in_csv}: no {caption_col!r} column (columns: {fields})")
+        if out_col in fields and not overwrite:
+            raise ValueError(f"{in_csv} already has a {out_col!r} column; pass overwrite=True (--overwrite) to replace it")
+        captions = [r.get(caption_col) or "" for r in rows]
+        unique = list(dict.fromkeys(" ".join(c.split()) for c in captions))
+        longs = dict(zip(unique, self.recaption(unique), strict=True))
+        if out_col not in fields:
+            fields.append(out_col)
+        for r, c in zip(rows, captions, strict=True):
+            r[out_col] = longs[" ".join(c.split())]
+        _atomic_write_csv(out_csv, fields, rows)
+        return len(rows)
+
+
+def _atomic_write(path: str, write) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _atomic_write_csv(path: str, fields: list[str], rows: list[dict]) -> None:
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+    _atomic_write(path, write)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="modelgrow recaption",
+        description="Rewrite short prompts into detailed ones with a local instruct LLM (the paper's recaptioning).",
+    )
+    p.add_argument("--model", required=True, help="local directory of the instruct LLM (no hub downloads)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts-file", help="text file, one prompt per line (blank lines skipped)")
+    src.add_argument("--csv", help="CSV manifest; a long-caption column is added")
+    p.add_argument("--out", required=True, help="output: .jsonl or text (prompts file), CSV (--csv)")
+    p.add_argument("--mode", default="SL", choices=PROMPT_MODES,
+                   help="prompt written for a prompts file: S, L or SL = short + long (default SL)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--min-words", type=int, default=35)
+    p.add_argument("--max-words", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--retries", type=int, default=2, help="sampled regenerations of too-short outputs")
+    p.add_argument("--sample", action="store_true", help="sample the first pass too (default greedy)")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--caption-col", default="caption", help="CSV column with the short caption")
+    p.add_argument("--out-col", default="long_caption", help="CSV column to add")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out-col column")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rc = Recaptioner(
+        args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size, min_words=args.min_words, max_words=args.max_words, seed=args.seed,
+        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, retries=args.retries,
+    )
+    if args.csv:
+        n = rc.recaption_csv(args.csv, args.out, caption_col=args.caption_col, out_col=args.out_col,
+                             overwrite=args.overwrite)
+        print(f"recaptioned {n} rows -> {args.out}", file=sys.stderr)
+        return 0
+    with open(args.prompts_file, encoding="utf-8") as f:
+        shorts = [" ".join(line.split()) for line in f if line.strip()]
+    longs = rc.recaption(shorts)
+    merged = [merge_prompt(s, lng, args.mode) for s, lng in zip(shorts, longs, strict=True)]
+    if args.out.lower().endswith(".jsonl"):
+        def write(f):
+            for s, lng, m in zip(shorts, longs, merged, strict=True):
+                f.write(json.dumps({"short": s, "long": lng, "prompt": m}, ensure_ascii=False) + "\n")
+    else:
+        def write(f):
+            for m in merged:
+                f.write(m + "\n")
+    _atomic_write(args.out, write)
+    print(f"recaptioned {len(shorts)} prompts -> {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
