@@ -4,6 +4,7 @@
     modelgrow config [--config X.toml] [--section.key v ...] [--out F] [--keys]
     modelgrow export --ckpt IN --out DIR [--config X.toml] [--section.key v ...]
     modelgrow grow --ckpt IN --out OUT --strategy insert --ratio 1 [--llm 4096] [--section.key v ...]
+    modelgrow recaption --model DIR (--prompts-file F | --csv IN) --out OUT [--mode SL]
     modelgrow demo                                  # the end-to-end demo (not implemented yet)
 """
 
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand for --grow.llm true --grow.llm_channels CHANNELS")
     p.set_defaults(func=cmd_grow)
 
+    sub.add_parser("recaption", add_help=False,
+                   help="rewrite short prompts into detailed ones with a local instruct LLM (see: modelgrow recaption --help)")
+
     p = sub.add_parser("demo", help="the end-to-end demo (not implemented yet)")
     p.set_defaults(func=cmd_demo)
     return parser
@@ -178,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["recaption"]:  # its own argument parser (modelgrow.text.recaption)
+        from .text.recaption import main as recaption_main
+
+        try:
+            return recaption_main(argv[1:])
+        except (FileNotFoundError, ValueError) as e:
+            print(f"modelgrow recaption: error: {e}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     for short, key in (("_strategy", "strategy"), ("_ratio", "ratio"), ("_num_new", "num_new")):

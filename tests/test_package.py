@@ -98,3 +98,21 @@ def test_cli_grow(tmp_path):
     bad = _run(["-m", "modelgrow", "grow", "--ckpt", str(tmp_path / "base"), "--out", str(tmp_path / "bad"),
                 "--strategy", "insert", "--ratio", "0.3333"], check=False)
     assert bad.returncode == 2 and "divisible" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_cli_recaption_on_a_manifest(tmp_path):
+    from modelgrow.text.tiny import build_tiny_llama
+
+    build_tiny_llama(tmp_path / "llm")
+    csv_in = tmp_path / "m.csv"
+    csv_in.write_text("path,caption\na.mp4,a red square moving left\nb.mp4,a blue circle\n")
+    _run(["-m", "modelgrow", "recaption", "--model", str(tmp_path / "llm"), "--csv", str(csv_in),
+          "--out", str(tmp_path / "out.csv"), "--min-words", "5", "--max-words", "9", "--max-new-tokens", "12"])
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert [r["path"] for r in rows] == ["a.mp4", "b.mp4"]
+    assert all(5 <= len(r["long_caption"].split()) <= 9 for r in rows)
+    bad = _run(["-m", "modelgrow", "recaption", "--model", str(tmp_path / "nope"), "--csv", str(csv_in),
+                "--out", str(tmp_path / "x.csv")], check=False)
+    assert bad.returncode != 0 and "local directories only" in bad.stderr
