@@ -4,6 +4,7 @@
     modelgrow config [--config X.toml] [--section.key v ...] [--out F] [--keys]
     modelgrow export --ckpt IN --out DIR [--config X.toml] [--section.key v ...]
     modelgrow grow --ckpt IN --out OUT --strategy insert --ratio 1 [--llm 4096] [--section.key v ...]
+    modelgrow sample --model PIPELINE_DIR --prompt "..." --out DIR [--sample.key v ...] [--no-accel]
     modelgrow recaption --model DIR (--prompts-file F | --csv IN) --out OUT [--mode SL]
     modelgrow demo                                  # the end-to-end demo (not implemented yet)
 """
@@ -126,6 +127,51 @@ def cmd_grow(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
+    import re
+
+    import torch
+
+    from .pipeline import ModelGrowPipeline
+    from .video_io import keyframe_strip, write_png, write_video
+
+    cfg = _load_cfg(args, overrides)
+    sc = cfg.sample
+    if args.prompt:
+        prompts = list(args.prompt)
+    elif args.prompts_file:
+        prompts = [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+    else:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
+    if not prompts:
+        raise ValueError(f"{args.prompts_file} holds no prompts")
+    pipe = ModelGrowPipeline.from_pretrained(args.model, device=args.device, accelerate_model=not args.no_accel)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    from contextlib import nullcontext
+
+    from mgkernels.dispatch import use
+
+    for i, prompt in enumerate(prompts):
+        seed = sc.seed + i
+        with use("ref") if args.no_accel else nullcontext():  # --no-accel: the PyTorch reference path
+            res = pipe(prompt, negative_prompt=args.negative_prompt, num_frames=sc.num_frames, height=sc.height,
+                       width=sc.width, num_inference_steps=sc.num_sampling_steps, sampler=sc.sampler,
+                       guidance_scale=sc.cfg_scale_t5, llm_guidance_scale=sc.cfg_scale_llm, prompt_mode=sc.prompt_mode,
+                       recaption=args.recaption, generator=torch.Generator().manual_seed(seed))
+        stem = f"{i:03d}-" + (re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt")
+        frames = res.videos[0]
+        video = write_video(out_dir / f"{stem}.mp4", frames, fps=sc.fps)
+        strip = write_png(out_dir / f"{stem}.png", keyframe_strip(frames, n=4))
+        records.append({"prompt": prompt, "model_prompt": res.prompts[0], "seed": res.seed, "video": video.name,
+                        "keyframes": strip.name, **res.settings})
+        print(f"[{i + 1}/{len(prompts)}] seed {res.seed}: {video}")
+    with open(out_dir / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     print(
         "modelgrow demo is not implemented yet: the end-to-end demo (synthetic videos -> pre-train -> grow + LLM "
@@ -171,6 +217,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shorthand for --grow.llm true --grow.llm_channels CHANNELS")
     p.set_defaults(func=cmd_grow)
 
+    p = sub.add_parser("sample", help="generate videos from prompts with a pretrained pipeline (H.264 mp4 + keyframe PNG)")
+    _add_config_args(p)
+    p.add_argument("--model", type=Path, required=True, help="pipeline directory (ModelGrowPipeline.save_pretrained)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", type=Path, help="one prompt per line")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--recaption", action="store_true", help="rewrite prompts with the pipeline's recaptioner first")
+    p.add_argument("--no-accel", action="store_true", help="reference path: no fused kernels' compile / dtype change")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_sample)
+
     sub.add_parser("recaption", add_help=False,
                    help="rewrite short prompts into detailed ones with a local instruct LLM (see: modelgrow recaption --help)")
 
@@ -198,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             rest += [f"--grow.{key}", str(getattr(args, short))]
     if getattr(args, "_llm", None) is not None:
         rest += ["--grow.llm", "true", "--grow.llm_channels", str(args._llm)]
-    if rest and args.command not in ("config", "export", "grow"):
+    if rest and args.command not in ("config", "export", "grow", "sample"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)
