@@ -1,0 +1,57 @@
+"""``IDDPM``: the diffusion factory of Open-Sora v1.0 (and DiT / PixArt's ``create_diffusion``)."""
+
+from __future__ import annotations
+
+from .gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
+from .respace import SpacedDiffusion, space_timesteps
+
+__all__ = ["IDDPM"]
+
+
+class IDDPM(SpacedDiffusion):
+    """Open-Sora v1.0's diffusion: linear schedule over 1000 steps, eps prediction, learned-range variance,
+    MSE + VB loss.
+
+    ``num_sampling_steps=N`` respaces to ``str(N)`` (uniform over the 1000 steps, both ends kept); with
+    neither it nor ``timestep_respacing`` every step is kept (training). The model is called with the
+    original integer timesteps (no rescaling).
+    """
+
+    def __init__(
+        self,
+        num_sampling_steps=None,
+        timestep_respacing=None,
+        noise_schedule="linear",
+        use_kl=False,
+        sigma_small=False,
+        predict_xstart=False,
+        learn_sigma=True,
+        rescale_learned_sigmas=False,
+        diffusion_steps=1000,
+    ):
+        betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
+        if use_kl:
+            loss_type = LossType.RESCALED_KL
+        elif rescale_learned_sigmas:
+            loss_type = LossType.RESCALED_MSE
+        else:
+            loss_type = LossType.MSE
+        if num_sampling_steps is not None:
+            if timestep_respacing is not None:
+                raise ValueError("give num_sampling_steps or timestep_respacing, not both")
+            timestep_respacing = str(num_sampling_steps)
+        if timestep_respacing is None or timestep_respacing == "":
+            timestep_respacing = [diffusion_steps]
+        if learn_sigma:
+            var_type = ModelVarType.LEARNED_RANGE
+        else:
+            var_type = ModelVarType.FIXED_SMALL if sigma_small else ModelVarType.FIXED_LARGE
+        super().__init__(
+            use_timesteps=space_timesteps(diffusion_steps, timestep_respacing),
+            betas=betas,
+            model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+            model_var_type=var_type,
+            loss_type=loss_type,
+        )
+        self.num_sampling_steps = num_sampling_steps
+        self.timestep_respacing = timestep_respacing
