@@ -2,7 +2,8 @@
 
     modelgrow env                                   # versions, devices, kernel providers
     modelgrow config [--config X.toml] [--section.key v ...] [--out F] [--keys]
-    modelgrow export --ckpt IN --out DIR [--config X.toml] [--section.key v ...]
+    modelgrow train --config X.toml [--section.key v ...]              # or: torchrun --nproc_per_node N -m modelgrow train ...
+    modelgrow export --ckpt IN --out DIR [--weights ema|raw] [--config X.toml] [--section.key v ...]
     modelgrow grow --ckpt IN --out OUT --strategy insert --ratio 1 [--llm 4096] [--section.key v ...]
     modelgrow sample --model PIPELINE_DIR --prompt "..." --out DIR [--sample.key v ...] [--no-accel]
     modelgrow recaption --model DIR (--prompts-file F | --csv IN) --out OUT [--mode SL]
@@ -71,12 +72,43 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _export_training_checkpoint(args: argparse.Namespace) -> int:
+    """A DCP training checkpoint -> a pretrained dir with the EMA (default) or raw weights (LoRA merged)."""
+    from .models import STDiT, count_parameters, save_pretrained
+    from .train.checkpoint import load_model_weights, read_meta
+    from .train.state import apply_lora, merge_lora
+
+    meta = read_meta(args.ckpt)
+    model = STDiT(**meta["model_config"])
+    if meta.get("train_mode") == "lora":
+        apply_lora(model, meta["lora_rank"])
+    elif meta.get("train_mode") == "expand" and meta["config"]["grow"].get("train_new_only"):
+        from .grow import freeze_original_blocks
+
+        freeze_original_blocks(model)  # the EMA covers the trainable parameters only
+    load_model_weights(args.ckpt, model, which=args.weights)
+    if meta.get("train_mode") == "lora":
+        merge_lora(model)
+    out = save_pretrained(model, args.out, extra={"source": str(args.ckpt), "source_step": meta["step"],
+                                                  "weights": args.weights})
+    print(f"wrote {out}: {args.weights.upper()} weights of step {meta['step']} ({count_parameters(model):,} parameters)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from .train.trainer import main as train_main
+
+    return train_main(_load_cfg(args, overrides))
+
+
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
     import torch
 
     from .config import save_config
     from .models import STDiT, count_parameters, load_checkpoint, save_pretrained
 
+    if (Path(args.ckpt) / "meta.json").exists() and (Path(args.ckpt) / ".metadata").exists():
+        return _export_training_checkpoint(args)
     cfg = _load_cfg(args, overrides)
     kwargs = cfg.model.stdit_kwargs()
     if args.meta_load:
@@ -203,7 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, help="entry of a wrapped checkpoint to read (ema, model, state_dict)")
     p.add_argument("--no-strict", dest="strict", action="store_false", help="load what fits and report the rest")
     p.add_argument("--meta-load", action="store_true", help="build the model on the meta device (no init memory; strict only)")
+    p.add_argument("--weights", default="ema", choices=["ema", "raw"],
+                   help="training checkpoints: export the EMA (default) or the raw weights (recorded in config.json)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("train", help="train / continue pre-training (alone or under torchrun)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("grow", help="expand a checkpoint's blocks and/or add the LLM condition (function preserving)")
     _add_config_args(p)
@@ -256,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             rest += [f"--grow.{key}", str(getattr(args, short))]
     if getattr(args, "_llm", None) is not None:
         rest += ["--grow.llm", "true", "--grow.llm_channels", str(args._llm)]
-    if rest and args.command not in ("config", "export", "grow", "sample"):
+    if rest and args.command not in ("config", "export", "grow", "sample", "train"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)

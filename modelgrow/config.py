@@ -122,6 +122,11 @@ class DataConfig:
     num_workers: int = _f(4, "decode workers per rank")
     prompt_mode: Literal["S", "L", "SL"] = _f("SL", "S = short caption, L = long caption, SL = short + long")
     max_fail_fraction: float = _f(0.01, "stop when more than this fraction of videos fails to decode")
+    vae: str | None = _f(None, "local diffusers AutoencoderKL dir (sd-vae-ft-ema layout) for raw-video training and caching")
+    t5: str | None = _f(None, "local T5 encoder dir (T5EncoderModel + tokenizer)")
+    llm: str | None = _f(None, "local causal-LM dir for the LLM condition")
+    llm_layer: int = _f(-1, "which hidden state of the LLM conditions the model (-1 = last layer)")
+    llm_use_template: bool = _f(True, "wrap prompts in the LLM's chat template (False: the paper's 'w/o template' ablation)")
 
     def __post_init__(self) -> None:
         _check(self.num_frames > 0 and self.frame_interval > 0, "data.num_frames", "num_frames and frame_interval must be > 0")

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
 from mgkernels.modulate import modulate
 from mgkernels.residual_modulate import residual_modulate
@@ -334,10 +335,11 @@ class STDiT(nn.Module):
         # blocks
         for i, block in enumerate(self.blocks):
             tpe = self.pos_embed_temporal if i == self.temporal_pos_block else None  # [1, T, C]
-            if y_llm is None:
-                x = block(x, y, t0, y_mask, tpe)  # [B, T*S, C]
+            args = (x, y, t0, y_mask, tpe) if y_llm is None else (x, y, t0, y_mask, tpe, y_llm, llm_mask)
+            if getattr(block, "grad_checkpointing", False) and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)  # [B, T*S, C]
             else:
-                x = block(x, y, t0, y_mask, tpe, y_llm, llm_mask)  # [B, T*S, C]
+                x = block(*args)  # [B, T*S, C]
 
         # head
         x = self.final_layer(x, t)  # [B, T*S, prod(patch) * C_out]

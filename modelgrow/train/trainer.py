@@ -1,0 +1,324 @@
+"""The training loop: ``modelgrow train --config X.toml [--section.key v ...]``, alone or under ``torchrun``.
+
+Per optimizer step: ``train.grad_accum`` batches of latents and text states (from the latent/text cache, or
+raw videos encoded on the fly by the VAE + T5 [+ LLM] in ``data.vae/t5/llm``), a uniform diffusion timestep
+per sample, the joint condition dropout, the IDDPM loss (MSE + VB), AdamW with gradient clipping, the fp32
+EMA. Every ``train.log_every`` steps one step line (DESIGN convention 8) goes to stdout, ``metrics.jsonl``
+and TensorBoard (when installed); a non-finite loss stops the run with an error before any checkpoint is
+written. Resumable checkpoints (train/checkpoint.py) every ``checkpoint.every_steps`` and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, config_to_dict, save_config
+from ..diffusion import IDDPM
+from ..grow import add_llm_condition, expand, freeze_original_blocks
+from ..models import STDiT, from_pretrained, load_checkpoint
+from ..models.checkpoint import CONFIG_NAME
+from ..models.flops import stdit_flops
+from . import checkpoint as ckpt
+from .metrics import device_peak_tflops, memory_gib, step_line
+from .parallelize import parallelize
+from .state import EMA, apply_lora, build_optimizer, build_scheduler, draw_condition_dropout
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; a single process needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def build_model(cfg: Config) -> STDiT:
+    """The model a run trains: weights from ``checkpoint.load_weights`` (a pretrained dir brings its own
+    architecture; an Open-Sora / PixArt / safetensors file loads into ``[model]``), then growth and the LLM
+    condition from ``[grow]``, then the trainable set from ``train.mode``."""
+    src = cfg.checkpoint.load_weights
+    if src and Path(src).is_dir() and (Path(src) / CONFIG_NAME).exists():
+        model = from_pretrained(src, strict=cfg.checkpoint.strict).train()
+    else:
+        model = STDiT(**cfg.model.stdit_kwargs())
+        if src:
+            load_checkpoint(model, src, strict=cfg.checkpoint.strict)
+    mode, grow = cfg.train.mode, cfg.grow
+    if grow.strategy != "none":
+        if mode != "expand":
+            raise ValueError(f"grow.strategy = {grow.strategy!r} expands the model: set train.mode = 'expand' (got {mode!r})")
+        model = expand(model, grow.strategy, ratio=None if grow.num_new else grow.ratio, num_new=grow.num_new)
+    if grow.llm and not hasattr(model, "llm_embedder"):
+        model = add_llm_condition(model, grow.llm_channels, grow.llm_max_length, copy_t5=grow.copy_t5_to_llm,
+                                  per_head_gate=grow.per_head_gate)
+    for p in model.parameters():
+        p.requires_grad = True
+    if mode == "lora":
+        apply_lora(model, cfg.train.lora_rank)
+    elif mode == "expand":
+        if not model.config.get("growth"):
+            raise ValueError("train.mode = 'expand' needs a grown model: set grow.strategy or load a grown checkpoint")
+        if grow.train_new_only:
+            freeze_original_blocks(model)
+    return model.train()
+
+
+class Encoders:
+    """Raw video batches -> latents and text states, with the frozen VAE / T5 / LLM of ``[data]``."""
+
+    def __init__(self, cfg: Config, device: torch.device, has_llm: bool):
+        from ..text import LLMEncoder, T5Encoder
+        from ..vae import VideoVAE
+
+        d = cfg.data
+        if not (d.vae and d.t5):
+            raise ValueError("training from raw videos needs data.vae and data.t5 (local dirs), or use data.cache_dir")
+        if has_llm and not d.llm:
+            raise ValueError("the model has an LLM condition: set data.llm (a local causal LM dir)")
+        self.vae = VideoVAE.from_pretrained(d.vae, device=device)
+        self.t5 = T5Encoder(d.t5, max_length=cfg.model.model_max_length, device=device)
+        self.llm = (LLMEncoder(d.llm, max_length=cfg.grow.llm_max_length, layer=d.llm_layer,
+                               use_template=d.llm_use_template, device=device) if has_llm else None)
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        latent = self.vae.encode(batch["video"].to(self.vae.dtype))
+        y, mask = self.t5.encode(batch["prompt"])
+        out = {"latent": latent.float(), "y": y, "mask": mask}
+        if self.llm is not None:
+            out["y_llm"], out["llm_mask"] = self.llm.encode(batch["prompt"])
+        return out
+
+
+class Trainer:
+    def __init__(self, cfg: Config, loader: Iterable | None = None, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.rank, self.world, self.device = init_distributed()
+        self.log = log if self.rank == 0 else (lambda *_: None)
+        self.out = Path(cfg.train.output_dir)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        self.model = build_model(cfg).to(self.device)
+        self.has_llm = hasattr(self.model, "llm_embedder")
+        self.applied = parallelize(self.model, cfg.parallel, self.world)
+        if self.world > 1 and cfg.parallel.fsdp:
+            self.model.dtype = torch.float32 if cfg.parallel.param_dtype == "float32" else torch.bfloat16
+        torch.manual_seed(cfg.train.seed + 1000 * self.rank + 1)  # per-rank stream for anything else random
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim)
+        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.diffusion = IDDPM(timestep_respacing="")
+        self.loader = loader if loader is not None else self._default_loader()
+        self.encoders: Encoders | None = None
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._writer = None
+        if cfg.checkpoint.resume and (last := ckpt.latest_checkpoint(self.out / "checkpoints")) is not None:
+            self.resume(last)
+
+    # --------------------------------------------------------------------------------------------------
+    def _default_loader(self):
+        from ..data import build_loader  # the manifest / cache loaders (modelgrow.data)
+
+        return build_loader(self.cfg, rank=self.rank, world_size=self.world)
+
+    def _autocast(self):
+        mp = self.cfg.train.mixed_precision
+        if mp == "fp32" or (self.world > 1 and self.cfg.parallel.fsdp):  # FSDP2 casts by its policy
+            return nullcontext()
+        if mp == "fp16" and self.device.type == "cpu":
+            raise ValueError("train.mixed_precision = fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        if "latent" not in batch:
+            if self.encoders is None:
+                self.encoders = Encoders(self.cfg, self.device, self.has_llm)
+            batch = self.encoders(batch)
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        n = len(batches)
+        total = torch.zeros((), device=self.device)
+        samples = 0
+        for raw in batches:
+            b = self._prepare(raw)
+            x0 = b["latent"].float()
+            B = x0.shape[0]
+            t, noise, u = self.sample_randomness(raw, x0.shape)
+            drop_t5, drop_llm = draw_condition_dropout(B, self.cfg.train, self.has_llm, u=u, device=self.device)
+            kwargs = {"y": b["y"], "mask": b["mask"], "drop_t5": drop_t5}
+            if self.has_llm:
+                kwargs |= {"y_llm": b.get("y_llm"), "llm_mask": b.get("llm_mask"), "drop_llm": drop_llm}
+            with self._autocast():
+                loss = self.diffusion.training_losses(self.model, x0, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
+            (loss / n).backward()
+            total += loss.detach() / n
+            samples += B
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        self._nonfinite |= ~torch.isfinite(total)
+        return {"loss": total, "grad_norm": grad_norm, "samples": samples}
+
+    def sample_randomness(self, batch: dict[str, Any], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Timestep, noise and the condition-dropout draw of every sample, a function of (seed, step, the
+        sample's index in the data stream) only: the same whatever the world size, worker count or resume
+        point. Batches without an ``index`` fall back to a per-rank stream."""
+        idx = batch.get("index")
+        if idx is None:
+            idx = torch.arange(shape[0]) + (self.step * self.world + self.rank) * shape[0] + (1 << 40)
+        ts, noises, us = [], [], []
+        for i in idx.tolist():
+            g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.step) * 1_000_000_007 + int(i))
+            ts.append(torch.randint(0, self.diffusion.num_timesteps, (1,), generator=g))
+            us.append(torch.rand(1, generator=g))
+            noises.append(torch.randn(shape[1:], generator=g))
+        return (torch.cat(ts).to(self.device), torch.stack(noises).to(self.device), torch.cat(us))
+
+    def check_finite(self) -> None:
+        if bool(self._nonfinite):
+            raise FloatingPointError(
+                f"non-finite loss at or before step {self.step}: stopping before any checkpoint is written "
+                "(lower optim.lr, check the data, or train in fp32)"
+            )
+
+    # --------------------------------------------------------------------------------------------------
+    def fit(self) -> list[dict[str, float]]:
+        cfg = self.cfg
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.toml")
+            self.log(f"model: {len(self.model.blocks)} blocks, {sum(p.numel() for p in self.model.parameters()):,} "
+                     f"parameters ({sum(p.numel() for p in self.params):,} trainable) | world {self.world} | "
+                     f"{self.device} | parallel {self.applied}")
+        it = iter(self.loader)
+        window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
+        tokens = self.model.num_temporal * self.model.num_spatial
+        flops = stdit_flops(**self.model.config, caption_tokens=cfg.model.model_max_length,
+                            llm_tokens=cfg.grow.llm_max_length if self.has_llm else 0).per_step(training=True)
+        peak = device_peak_tflops(self.device)
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.train.steps, initial=self.step, disable=self.rank != 0 or not os.isatty(2), desc="train")
+        except ImportError:  # pragma: no cover
+            bar = None
+        while self.step < cfg.train.steps:
+            t0 = time.perf_counter()
+            batches = [next(it) for _ in range(cfg.train.grad_accum)]
+            t1 = time.perf_counter()
+            out = self.train_step(batches)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            last = self.step == cfg.train.steps
+            if self.step % cfg.train.log_every == 0 or last:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.check_finite()
+                window["time"] += time.perf_counter() - t0
+                window["data"] += t1 - t0
+                window["samples"] += out["samples"] * self.world
+                window["steps"] += 1
+                self._log_step(out, window, tokens, flops, peak)
+                window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
+            else:
+                window["time"] += time.perf_counter() - t0
+                window["data"] += t1 - t0
+                window["samples"] += out["samples"] * self.world
+                window["steps"] += 1
+            if self.step % cfg.checkpoint.every_steps == 0 or last:
+                self.save()
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    def _log_step(self, out, window, tokens, flops_per_sample, peak) -> None:
+        loss = out["loss"].detach().clone()
+        if self.world > 1:  # the step's loss over every rank's samples
+            dist.all_reduce(loss)
+            loss /= self.world
+        out = {**out, "loss": loss}
+        sps = window["samples"] / max(window["time"], 1e-9)
+        tflops = sps * flops_per_sample / 1e12
+        m = {"step": self.step, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
+             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": sps, "tokens_per_s": sps * tokens,
+             "tflops": tflops, "mfu": tflops / (peak * self.world) if peak else None, "mem_gib": memory_gib(self.device),
+             "data_wait": window["data"] / max(window["time"], 1e-9)}
+        self.history.append(m)
+        if self.rank != 0:
+            return
+        self.log(step_line(self.step, m))
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(m) + "\n")
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:
+                self._writer = False
+        if self._writer:
+            for k, v in m.items():
+                if k != "step" and v is not None:
+                    self._writer.add_scalar(f"train/{k}", v, self.step)
+
+    # --------------------------------------------------------------------------------------------------
+    def _extra(self) -> dict[str, Any]:
+        extra = {"step": self.step, "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state()}
+        if hasattr(self.loader, "state_dict"):
+            extra["data"] = self.loader.state_dict()
+        if self.device.type == "cuda":
+            extra["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return extra
+
+    def save(self) -> Path:
+        self.check_finite()
+        meta = {"model_config": self.model.config, "train_mode": self.cfg.train.mode,
+                "lora_rank": self.cfg.train.lora_rank if self.cfg.train.mode == "lora" else None,
+                "world_size": self.world, "config": config_to_dict(self.cfg)}
+        path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.ema,
+                                    self._extra(), meta, keep_last=self.cfg.checkpoint.keep_last)
+        self.log(f"checkpoint: {path}")
+        return path
+
+    def resume(self, path: Path) -> None:
+        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema)
+        self.step = int(extra["step"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng_cpu"])
+        if "rng_cuda" in extra and self.device.type == "cuda":
+            torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
+        if "data" in extra and hasattr(self.loader, "load_state_dict"):
+            self.loader.load_state_dict(extra["data"])
+        self.log(f"resumed from {path} at step {self.step}")
+
+
+def main(cfg: Config) -> int:
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,198 @@
+"""Training system on CPU: torchrun FSDP2 vs single process, bit-exact resume, atomic checkpoints,
+condition dropout rates, LoRA and new-blocks-only modes, NaN handling, export."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from modelgrow.config import TrainConfig, load_config
+from modelgrow.models import from_pretrained
+from modelgrow.train import RandomLatentLoader, Trainer, draw_condition_dropout
+from modelgrow.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
+        "--model.model_max_length", "8", "--train.log_every", "1", "--train.mixed_precision", "fp32", "--optim.lr", "1e-3"]
+
+
+def _cfg(out, *extra):
+    return load_config(None, [*BASE, "--train.output_dir", str(out), *extra])
+
+
+def _loader(llm=False, batch=2):
+    return RandomLatentLoader(batch, (4, 4, 8, 8), (8, 32), llm=(5, 16) if llm else None, seed=1)
+
+
+def _run_worker(out, global_batch, steps, nproc=1, extra=()):
+    env = {**os.environ}
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port),
+               "-m", "tests.train_worker"]
+    else:
+        cmd = [sys.executable, "-m", "tests.train_worker"]
+    r = subprocess.run(cmd + [str(out), str(global_batch), str(steps), *extra], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads((Path(out) / "history.json").read_text()), load_file(str(Path(out) / "final.safetensors"))
+
+
+def test_torchrun_fsdp2_matches_single_process(tmp_path):
+    single_h, single_w = _run_worker(tmp_path / "one", 4, 3)
+    fsdp_h, fsdp_w = _run_worker(tmp_path / "two", 4, 3, nproc=2, extra=["--parallel.activation_checkpointing", "full"])
+    assert fsdp_h == pytest.approx(single_h, rel=1e-5, abs=1e-6)
+    for k, v in single_w.items():
+        torch.testing.assert_close(fsdp_w[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = Trainer(_cfg(tmp_path / "a", "--train.steps", "6", "--checkpoint.every_steps", "100"), loader=_loader(),
+                       log=lambda *_: None)
+    h_straight = [m["loss"] for m in straight.fit()]
+
+    first = Trainer(_cfg(tmp_path / "b", "--train.steps", "3", "--checkpoint.every_steps", "3"), loader=_loader(),
+                    log=lambda *_: None)
+    h1 = [m["loss"] for m in first.fit()]
+    del first  # "killed"
+    second = Trainer(_cfg(tmp_path / "b", "--train.steps", "6", "--checkpoint.every_steps", "3"), loader=_loader(),
+                     log=lambda *_: None)
+    assert second.step == 3 and second.loader.position == 3
+    h2 = [m["loss"] for m in second.fit()]
+    assert h1 + h2 == h_straight
+    for (n, p), q in zip(straight.model.named_parameters(), second.model.parameters()):
+        assert torch.equal(p, q), n
+    for n, t in straight.ema.shadow.items():
+        assert torch.equal(t, second.ema.shadow[n]), n
+
+
+def test_interrupted_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    tr = Trainer(_cfg(tmp_path, "--train.steps", "4", "--checkpoint.every_steps", "2"), loader=_loader(), log=lambda *_: None)
+    tr.step = 2
+    tr.save()
+    def dying_save(extra, path):  # the process "dies" after the DCP shards, before the rename
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(ckpt, "_save_extra", dying_save)
+    tr.step = 4
+    with pytest.raises(KeyboardInterrupt):
+        tr.save()
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    assert ckpt.latest_checkpoint(root).name == "step_00000002" and (root / "step_00000004.tmp").exists()
+    again = Trainer(_cfg(tmp_path, "--train.steps", "4", "--checkpoint.every_steps", "2"), loader=_loader(), log=lambda *_: None)
+    assert again.step == 2
+    again.fit()
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step_00000002", "step_00000004"]
+    assert not (root / "step_00000004.tmp").exists()
+
+
+def test_keep_last(tmp_path):
+    tr = Trainer(_cfg(tmp_path, "--train.steps", "5", "--checkpoint.every_steps", "1", "--checkpoint.keep_last", "2"),
+                 loader=_loader(), log=lambda *_: None)
+    tr.fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004", "step_00000005"]
+
+
+def test_condition_dropout_rates():
+    cfg = TrainConfig()
+    g = torch.Generator().manual_seed(0)
+    n = 400_000
+    t5, llm = draw_condition_dropout(n, cfg, True, g)
+    both = (t5 & llm).float().mean().item()
+    assert both == pytest.approx(0.001, abs=3e-4)
+    assert (llm & ~t5).float().mean().item() == pytest.approx(0.01, abs=1e-3)
+    assert (t5 & ~llm).float().mean().item() == pytest.approx(0.1, abs=3e-3)
+    only_t5, none = draw_condition_dropout(n, cfg, False, g)
+    assert none is None and only_t5.float().mean().item() == pytest.approx(0.1, abs=3e-3)
+
+
+def _changed(before, model):
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+def _pretrained(tmp_path):
+    """A 'pre-trained' tiny model (random weights: a fresh Open-Sora init has a zero final layer, through
+    which no gradient would reach adapters)."""
+    from modelgrow.models import create_model, save_pretrained
+
+    from .helpers import randomize_
+
+    return str(save_pretrained(randomize_(create_model("STDiT-tiny"), std=0.05), tmp_path / "pretrained"))
+
+
+def test_lora_mode_trains_only_adapters_and_exports_merged(tmp_path):
+    tr = Trainer(_cfg(tmp_path, "--train.steps", "3", "--train.mode", "lora", "--train.lora_rank", "4",
+                      "--checkpoint.every_steps", "3", "--checkpoint.load_weights", _pretrained(tmp_path)),
+                 loader=_loader(), log=lambda *_: None)
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.fit()
+    changed = _changed(before, tr.model)
+    assert changed and all("lora_" in n for n in changed)
+    assert {n for n, p in tr.model.named_parameters() if p.requires_grad} == {n for n in before if "lora_" in n}
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "modelgrow", "export", "--ckpt", str(tmp_path / "checkpoints" / "step_00000003"),
+                        "--out", str(out), "--weights", "raw"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    merged = from_pretrained(out)
+    assert not any("lora" in k for k in merged.state_dict())
+    b = next(iter(_loader()))
+    tr.model.eval()
+    with torch.no_grad():
+        want = tr.model(b["latent"], torch.tensor([10.0, 500.0]), b["y"], b["mask"])
+        got = merged(b["latent"], torch.tensor([10.0, 500.0]), b["y"], b["mask"])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["weights"] == "raw"
+
+
+def test_new_blocks_only_mode_and_llm(tmp_path):
+    tr = Trainer(_cfg(tmp_path, "--train.steps", "2", "--train.mode", "expand", "--grow.strategy", "insert",
+                      "--grow.ratio", "1", "--grow.train_new_only", "true", "--grow.llm", "true",
+                      "--grow.llm_channels", "16", "--grow.llm_max_length", "5", "--checkpoint.every_steps", "2",
+                      "--checkpoint.load_weights", _pretrained(tmp_path)),
+                 loader=_loader(llm=True), log=lambda *_: None)
+    assert len(tr.model.blocks) == 4
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    tr.fit()
+    changed = _changed(before, tr.model)
+    new = {1, 3}
+    for n in changed:
+        assert "llm_" in n or (n.startswith("blocks.") and int(n.split(".")[1]) in new), n
+    assert any(n.startswith("blocks.1.") and "llm_" not in n for n in changed)
+    out = tmp_path / "ema"
+    r = subprocess.run([sys.executable, "-m", "modelgrow", "export", "--ckpt", str(tmp_path / "checkpoints" / "step_00000002"),
+                        "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    exported = from_pretrained(out)
+    params = dict(exported.named_parameters())
+    for n, t in tr.ema.shadow.items():
+        torch.testing.assert_close(params[n], t, msg=n)
+
+
+def test_nan_loss_stops_before_any_checkpoint(tmp_path):
+    class NaNLoader(RandomLatentLoader):
+        def __iter__(self):
+            for b in super().__iter__():
+                b["latent"][:] = float("nan")
+                yield b
+
+    tr = Trainer(_cfg(tmp_path, "--train.steps", "3", "--checkpoint.every_steps", "1"),
+                 loader=NaNLoader(2, (4, 4, 8, 8), (8, 32)), log=lambda *_: None)
+    with pytest.raises(FloatingPointError, match="no checkpoint|before any checkpoint"):
+        tr.fit()
+    assert not ckpt.list_checkpoints(tmp_path / "checkpoints")
+
+
+def test_mode_errors(tmp_path):
+    with pytest.raises(ValueError, match="train.mode = 'expand'"):
+        Trainer(_cfg(tmp_path, "--grow.strategy", "insert"), loader=_loader())
+    with pytest.raises(ValueError, match="needs a grown model"):
+        Trainer(_cfg(tmp_path, "--train.mode", "expand"), loader=_loader())
