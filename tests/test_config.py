@@ -93,3 +93,10 @@ def test_every_key_is_documented():
         for f in fields(cls):
             assert f.metadata.get("help"), f"{section}.{f.name} has no help text"
     assert "model.depth" in describe_keys()
+
+
+def test_documented_example_config_is_valid():
+    from pathlib import Path
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "docs" / "example_continual.toml")
+    assert cfg.train.mode == "expand" and cfg.grow.llm and cfg.model.stdit_kwargs()["depth"] == 28
