@@ -6,6 +6,7 @@
     modelgrow export --ckpt IN --out DIR [--weights ema|raw] [--config X.toml] [--section.key v ...]
     modelgrow grow --ckpt IN --out OUT --strategy insert --ratio 1 [--llm 4096] [--section.key v ...]
     modelgrow sample --model PIPELINE_DIR --prompt "..." --out DIR [--sample.key v ...] [--no-accel]
+    modelgrow cache --manifest M --out DIR --vae DIR --t5 DIR [--llm DIR] [...]
     modelgrow recaption --model DIR (--prompts-file F | --csv IN) --out OUT [--mode SL]
     modelgrow demo                                  # the end-to-end demo (not implemented yet)
 """
@@ -267,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
 
+    sub.add_parser("cache", add_help=False,
+                   help="pre-encode VAE latents and T5 (+ LLM) states into safetensors shards (see: modelgrow cache --help)")
     sub.add_parser("recaption", add_help=False,
                    help="rewrite short prompts into detailed ones with a local instruct LLM (see: modelgrow recaption --help)")
 
@@ -279,13 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["recaption"]:  # its own argument parser (modelgrow.text.recaption)
-        from .text.recaption import main as recaption_main
-
+    if argv[:1] in (["recaption"], ["cache"]):  # commands with their own argument parsers
+        if argv[0] == "recaption":
+            from .text.recaption import main as command
+        else:
+            from .data.cache import main as command
         try:
-            return recaption_main(argv[1:])
+            return command(argv[1:])
         except (FileNotFoundError, ValueError) as e:
-            print(f"modelgrow recaption: error: {e}", file=sys.stderr)
+            print(f"modelgrow {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
