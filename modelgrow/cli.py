@@ -75,23 +75,10 @@ def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _export_training_checkpoint(args: argparse.Namespace) -> int:
     """A DCP training checkpoint -> a pretrained dir with the EMA (default) or raw weights (LoRA merged)."""
-    from .models import STDiT, count_parameters, save_pretrained
-    from .train.checkpoint import load_model_weights, read_meta
-    from .train.state import apply_lora, merge_lora
+    from .models import count_parameters
+    from .train.export import export_checkpoint
 
-    meta = read_meta(args.ckpt)
-    model = STDiT(**meta["model_config"])
-    if meta.get("train_mode") == "lora":
-        apply_lora(model, meta["lora_rank"])
-    elif meta.get("train_mode") == "expand" and meta["config"]["grow"].get("train_new_only"):
-        from .grow import freeze_original_blocks
-
-        freeze_original_blocks(model)  # the EMA covers the trainable parameters only
-    load_model_weights(args.ckpt, model, which=args.weights)
-    if meta.get("train_mode") == "lora":
-        merge_lora(model)
-    out = save_pretrained(model, args.out, extra={"source": str(args.ckpt), "source_step": meta["step"],
-                                                  "weights": args.weights})
+    out, model, meta = export_checkpoint(args.ckpt, args.out, which=args.weights)
     print(f"wrote {out}: {args.weights.upper()} weights of step {meta['step']} ({count_parameters(model):,} parameters)")
     return 0
 

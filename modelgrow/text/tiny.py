@@ -43,8 +43,9 @@ def _corpus(n: int = 400, seed: int = 0) -> list[str]:
     return out
 
 
-def build_tiny_t5(path: str, vocab_size: int = 160, d_model: int = 32, seed: int = 0) -> str:
-    """Train a tiny SentencePiece model, save a ``T5Tokenizer`` and a random ``T5EncoderModel`` in ``path``."""
+def build_tiny_t5(path: str, vocab_size: int = 160, d_model: int = 32, seed: int = 0, corpus: list[str] | None = None) -> str:
+    """Train a tiny SentencePiece model (on ``corpus``, default a generated one), save a ``T5Tokenizer`` and a
+    random ``T5EncoderModel`` in ``path``."""
     import sentencepiece as spm
     import torch
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
@@ -52,7 +53,7 @@ def build_tiny_t5(path: str, vocab_size: int = 160, d_model: int = 32, seed: int
     os.makedirs(path, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(_corpus(seed=seed)), model_prefix=os.path.join(tmp, "spiece"),
+            sentence_iterator=iter(corpus or _corpus(seed=seed)), model_prefix=os.path.join(tmp, "spiece"),
             vocab_size=vocab_size, model_type="unigram", hard_vocab_limit=False, character_coverage=1.0,
             pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
             minloglevel=2, num_threads=1,
