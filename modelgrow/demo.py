@@ -228,20 +228,20 @@ class Demo:
         return self._train("continual", cfg)
 
     # -- 8 --------------------------------------------------------------------------------------------
-    def _eval_batch(self, domain: str, mode: str) -> dict:
+    def _eval_batch(self, domain: str, mode: str, cache: Path | None = None) -> dict:
         from .data.cache import CachedDataset, CachedLoader
 
-        ds = CachedDataset(self.cache(domain, "heldout", mode))
+        ds = CachedDataset(cache or self.cache(domain, "heldout", mode))
         loader = CachedLoader(ds, len(ds), shuffle=False)
         return next(iter(loader))
 
     @torch.no_grad()
-    def heldout_loss(self, model, domain: str, mode: str, llm: bool) -> float:
+    def heldout_loss(self, model, domain: str, mode: str, llm: bool, cache: Path | None = None) -> float:
         """Mean IDDPM loss over the held-out clips at 8 fixed timesteps with fixed noise (same for every model)."""
         from .diffusion import IDDPM
 
         diffusion = IDDPM(timestep_respacing="")
-        b = self._eval_batch(domain, mode)
+        b = self._eval_batch(domain, mode, cache)
         x0 = b["latent"].float()
         losses = []
         for k, tv in enumerate(np.linspace(50, 950, 8).round().astype(int)):

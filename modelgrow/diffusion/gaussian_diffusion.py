@@ -135,6 +135,17 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means: torch.Tensor,
     return torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_sf_lo, log_delta))
 
 
+def resolve_device(model, noise: torch.Tensor | None, device) -> torch.device:
+    """The sampling device: as given, else the noise's, else the model's, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    if noise is not None:
+        return noise.device
+    if isinstance(model, torch.nn.Module):
+        return next(model.parameters()).device
+    return torch.device("cpu")
+
+
 def _unwrap_output(out):
     """Models may return a tensor, a dict with "x", or (tensor, extra)."""
     extra = None
@@ -305,13 +316,7 @@ class GaussianDiffusion:
         """Yield the ``p_sample`` dict of every step, from t = num_timesteps - 1 down to 0."""
         if not isinstance(shape, (tuple, list)):
             raise TypeError("shape must be a tuple or list")
-        if device is None:
-            if noise is not None:
-                device = noise.device
-            elif isinstance(model, torch.nn.Module):
-                device = next(model.parameters()).device
-            else:
-                device = torch.device("cpu")
+        device = resolve_device(model, noise, device)
         img = noise if noise is not None else torch.randn(*shape, device=device)
         indices = list(range(self.num_timesteps))[::-1]
         if progress:

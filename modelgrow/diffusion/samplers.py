@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .gaussian_diffusion import _unwrap_output, get_named_beta_schedule
+from .gaussian_diffusion import _unwrap_output, get_named_beta_schedule, resolve_device
 
 __all__ = ["ddim_sample", "dpm_solver_pp_sample", "sampling_timesteps", "train_alphas_cumprod"]
 
@@ -37,13 +37,7 @@ def sampling_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]
 def _setup(model, shape, noise, device):
     if not isinstance(shape, (tuple, list)):
         raise TypeError("shape must be a tuple or list")
-    if device is None:
-        if noise is not None:
-            device = noise.device
-        elif isinstance(model, torch.nn.Module):
-            device = next(model.parameters()).device
-        else:
-            device = torch.device("cpu")
+    device = resolve_device(model, noise, device)
     x = noise.to(device) if noise is not None else torch.randn(*shape, device=device)
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"noise shape {tuple(x.shape)} != shape {tuple(shape)}")

@@ -1,0 +1,163 @@
+"""The paper's continual pre-training comparisons at small scale, on the demo's synthetic world.
+
+    python bench/study_continual.py --quick                 # minutes on a CPU: checks the harness, not the claims
+    python bench/study_continual.py --seeds 0,1,2            # demo-size models (CPU: about an hour; GPU: minutes)
+
+Every arm starts from the same model pre-trained on domain A (the demo's stages 1-5, reused from --work) and
+gets the same continual step x batch budget on domain B. Arms: Base (no continual training), Vanilla, LoRA,
+Expansion insert / prefix / suffix (k = 1), insert with k = 0.5 and 2, Expansion + LLM, Vanilla + LLM, and its
+ablations without the chat template and without the T5 -> LLM weight duplication; the Expansion + LLM arm is
+also sampled with prompt modes S, L and SL. Metrics: held-out denoising loss on A (forgetting) and B (new
+knowledge), and the semantic score of sampled held-out prompts. Output: a markdown table (mean +- std over
+seeds) and JSON under bench/results/<device>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import env_info, pick_device, slug  # noqa: E402
+
+from modelgrow.demo import QUICK, Demo, DemoSize  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name: (train.mode, grow overrides, prompt mode, LLM template)
+ARMS: dict[str, tuple[str, list[str], str, bool]] = {
+    "vanilla": ("vanilla", [], "S", True),
+    "lora": ("lora", [], "S", True),
+    "expand-insert-k1": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "1"], "S", True),
+    "expand-prefix-k1": ("expand", ["--grow.strategy", "prefix", "--grow.ratio", "1"], "S", True),
+    "expand-suffix-k1": ("expand", ["--grow.strategy", "suffix", "--grow.ratio", "1"], "S", True),
+    "expand-insert-k0.5": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "0.5"], "S", True),
+    "expand-insert-k2": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "2"], "S", True),
+    "expand+llm": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "1", "--grow.llm", "true"], "SL", True),
+    "vanilla+llm": ("vanilla", ["--grow.llm", "true"], "SL", True),
+    "vanilla+llm-no-template": ("vanilla", ["--grow.llm", "true", "--data.llm_use_template", "false"], "SL", False),
+    "vanilla+llm-no-dup": ("vanilla", ["--grow.llm", "true", "--grow.copy_t5_to_llm", "false"], "SL", True),
+}
+
+
+class Study(Demo):
+    def llm_cache(self, domain: str, split: str, mode: str, template: bool) -> Path:
+        if template:
+            return self.cache(domain, split, mode)
+        path = self.path("cache", f"{domain}_{split}_{mode}_notemplate")
+        if not (path / "index.json").exists():
+            from modelgrow.data.cache import build_cache
+            from modelgrow.text import LLMEncoder, T5Encoder
+            from modelgrow.vae import VideoVAE
+
+            s = self.size
+            build_cache(self.manifest(domain, split), path,
+                        vae=VideoVAE.from_pretrained(self.path("vae", "model"), micro_batch_size=32),
+                        t5=T5Encoder(str(self.path("encoders", "t5")), max_length=s.t5_tokens, device="cpu"),
+                        llm=LLMEncoder(str(self.path("encoders", "llm")), max_length=s.llm_tokens, use_template=False, device="cpu"),
+                        num_frames=s.frames, frame_interval=1, image_size=(s.size, s.size), prompt_mode=mode,
+                        batch_size=16, shard_size=256, device="cpu")
+        return path
+
+    def run_arm(self, name: str, seed: int) -> dict:
+        from modelgrow.models import from_pretrained
+
+        mode, grow, prompt_mode, template = ARMS[name]
+        out = self.path("study", f"{name}-seed{seed}")
+        llm = "--grow.llm" in grow
+        extra = ["--train.mode", mode, "--train.seed", str(seed), "--checkpoint.load_weights",
+                 str(self.path("pretrain", "model")), "--data.prompt_mode", prompt_mode, *grow]
+        if not (out / "model" / "config.json").exists():
+            cache = self.llm_cache("B", "train", prompt_mode, template) if llm else self.cache("B", "train", "S")
+            cfg = self._config(out / "run", self.size.continual_steps, cache, extra)
+            self._train_into(out, cfg)
+        model = from_pretrained(out / "model")
+        loss = {d: self.heldout_loss(model, d, prompt_mode, llm, cache=self.llm_cache(d, "heldout", prompt_mode, template)
+                                     if llm else self.cache(d, "heldout", "S")) for d in ("A", "B")}
+        modes = ["S", "L", "SL"] if name == "expand+llm" else [prompt_mode]
+        semantic = {m: self.semantic(out / "model", llm, m, template) for m in modes}
+        return {"arm": name, "seed": seed, "loss": loss, "semantic": semantic}
+
+    def _train_into(self, out: Path, cfg) -> None:
+        from modelgrow.train import Trainer
+        from modelgrow.train.checkpoint import latest_checkpoint
+        from modelgrow.train.export import export_checkpoint
+
+        trainer = Trainer(cfg, log=lambda *_: None)
+        trainer.fit()
+        export_checkpoint(latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints"), out / "model", "ema")
+
+    def semantic(self, model_dir: Path, llm: bool, mode: str, template: bool) -> dict:
+        from modelgrow.data.synthetic import heldout_prompts
+        from modelgrow.evaluate.semantic import train_classifier
+
+        s = self.size
+        clf = train_classifier(("A", "B"), n_train=s.classifier_train, steps=s.classifier_steps, seed=0,
+                               cache=self.path("evaluate", "classifier.safetensors"))
+        pipe = self._pipeline(model_dir, llm)
+        if llm and not template:
+            pipe.llm_encoder.use_template = False
+        out = {}
+        for d in ("A", "B"):
+            prompts = heldout_prompts(d, s.sample_prompts, seed=2)
+            res = pipe([p["short"] for p in prompts], long_prompt=[p["long"] for p in prompts], prompt_mode=mode,
+                       num_frames=s.frames, height=s.size, width=s.size, generator=torch.Generator().manual_seed(0),
+                       progress=False)
+            out[d] = clf.score(res.videos, prompts)["semantic_score"]
+        return out
+
+
+def table(rows: list[dict]) -> str:
+    def ms(vals):
+        return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
+
+    lines = ["| arm | prompt mode | loss A (forgetting) | loss B (new) | semantic A | semantic B | seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm]
+        for mode in rs[0]["semantic"]:
+            lines.append(f"| {arm} | {mode} | {ms([r['loss']['A'] for r in rs])} | {ms([r['loss']['B'] for r in rs])} | "
+                         f"{ms([r['semantic'][mode]['A'] for r in rs])} | {ms([r['semantic'][mode]['B'] for r in rs])} | {len(rs)} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", type=Path, default=None, help="demo directory to reuse/create (default runs/study[-quick])")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    args = ap.parse_args(argv)
+    size = QUICK if args.quick else DemoSize()
+    work = args.work or Path("runs/study-quick" if args.quick else "runs/study")
+    study = Study(work, size, log=print)
+    study.run(["data", "encoders", "vae", "cache", "pretrain"])
+    from modelgrow.models import from_pretrained
+
+    base = from_pretrained(study.path("pretrain", "model"))
+    rows = [{"arm": "base", "seed": 0, "loss": {d: study.heldout_loss(base, d, "S", llm=False) for d in ("A", "B")},
+             "semantic": {"S": study.semantic(study.path("pretrain", "model"), False, "S", True)}}]
+    for seed in (int(s) for s in args.seeds.split(",")):
+        for arm in args.arms.split(","):
+            print(f"[study] {arm} seed {seed}")
+            rows.append(study.run_arm(arm, seed))
+    md = table(rows)
+    print(md)
+    device = pick_device()
+    env = env_info(device)
+    out_dir = RESULTS / slug(env["device"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = "study_continual_quick" if args.quick else "study_continual"
+    (out_dir / f"{name}.json").write_text(json.dumps({"bench": name, "env": env, "size": vars(size), "rows": rows}, indent=2, default=str))
+    (out_dir / f"{name}.md").write_text(f"# {name}\n\n{md}\n")
+    print("wrote", out_dir / f"{name}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
