@@ -105,6 +105,12 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+def _dcp_load_single(state: dict, path: str | Path) -> None:
+    with warnings.catch_warnings():  # a single process reading a (possibly sharded) checkpoint, on purpose
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path))
+
+
 def load_model_weights(path: str | Path, model, which: str = "ema") -> None:
     """Weights only (single process): the EMA (``which="ema"``) or raw model parameters of a checkpoint."""
     if which not in ("ema", "raw"):
@@ -112,12 +118,12 @@ def load_model_weights(path: str | Path, model, which: str = "ema") -> None:
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if which == "raw":
         state = {"model": sd}
-        dcp.load(state, checkpoint_id=str(path))
+        _dcp_load_single(state, path)
         model.load_state_dict(state["model"])
         return
     ema = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     state = {"ema": ema, "model": sd}
-    dcp.load(state, checkpoint_id=str(path))
+    _dcp_load_single(state, path)
     model.load_state_dict(state["model"])
     with torch.no_grad():
         params = dict(model.named_parameters())
