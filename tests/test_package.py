@@ -75,11 +75,6 @@ def test_cli_export_open_sora_checkpoint(tmp_path):
     assert bad.returncode == 2 and "blocks.2.attn.qkv.weight" in bad.stderr and not (tmp_path / "bad").exists()
 
 
-def test_demo_says_plainly_it_is_not_there_yet():
-    r = _run(["-m", "modelgrow", "demo"], check=False)
-    assert r.returncode == 2 and "not implemented yet" in r.stderr
-
-
 def test_cli_grow(tmp_path):
     from modelgrow.models import save_pretrained
 
