@@ -8,13 +8,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PINS   := -c constraints.txt torch==2.13.0 triton==3.7.1
 STAMP  := $(VENV)/.modelgrow-installed
-EXTRAS ?= dev,text,vae,video,dali
+EXTRAS ?= dev,text,vae,video,dali,train
 
 .PHONY: install demo test clean-ext
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
+$(STAMP): Makefile pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=23" "setuptools>=77" wheel
 	$(PIP) install -q $(PINS) pybind11 ninja
