@@ -232,21 +232,17 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             last = self.step == cfg.train.steps
-            if self.step % cfg.train.log_every == 0 or last:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
+            log_now = self.step % cfg.train.log_every == 0 or last
+            if log_now and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # only at log steps: the step time is then real
+            window["time"] += time.perf_counter() - t0
+            window["data"] += t1 - t0
+            window["samples"] += out["samples"] * self.world
+            window["steps"] += 1
+            if log_now:
                 self.check_finite()
-                window["time"] += time.perf_counter() - t0
-                window["data"] += t1 - t0
-                window["samples"] += out["samples"] * self.world
-                window["steps"] += 1
                 self._log_step(out, window, tokens, flops, peak)
                 window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
-            else:
-                window["time"] += time.perf_counter() - t0
-                window["data"] += t1 - t0
-                window["samples"] += out["samples"] * self.world
-                window["steps"] += 1
             if self.step % cfg.checkpoint.every_steps == 0 or last:
                 self.save()
         if bar is not None:
