@@ -18,6 +18,8 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import asdict, replace
+import time
 from pathlib import Path
 
 import torch
@@ -64,11 +66,29 @@ class Study(Demo):
                         batch_size=16, shard_size=256, device="cpu")
         return path
 
+    def run_base(self) -> dict:
+        """The pre-trained model itself (no continual training); deterministic, so one 'seed'."""
+        from modelgrow.models import from_pretrained
+
+        done = self.path("study", "base.json")
+        if done.exists():
+            return json.loads(done.read_text())
+        base = from_pretrained(self.path("pretrain", "model"))
+        row = {"arm": "base", "seed": 0, "loss": {d: self.heldout_loss(base, d, "S", llm=False) for d in ("A", "B")},
+               "semantic": {"S": self.semantic(self.path("pretrain", "model"), False, "S", True)},
+               "params": sum(p.numel() for p in base.parameters()), "trainable": 0}
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(row, indent=2))
+        return row
+
     def run_arm(self, name: str, seed: int) -> dict:
         from modelgrow.models import from_pretrained
 
         mode, grow, prompt_mode, template = ARMS[name]
         out = self.path("study", f"{name}-seed{seed}")
+        done = out / "result.json"
+        if done.exists():
+            return json.loads(done.read_text())
         llm = "--grow.llm" in grow
         extra = ["--train.mode", mode, "--train.seed", str(seed), "--checkpoint.load_weights",
                  str(self.path("pretrain", "model")), "--data.prompt_mode", prompt_mode, *grow]
@@ -81,7 +101,11 @@ class Study(Demo):
                                      if llm else self.cache(d, "heldout", "S")) for d in ("A", "B")}
         modes = ["S", "L", "SL"] if name == "expand+llm" else [prompt_mode]
         semantic = {m: self.semantic(out / "model", llm, m, template) for m in modes}
-        return {"arm": name, "seed": seed, "loss": loss, "semantic": semantic}
+        row = {"arm": name, "seed": seed, "loss": loss, "semantic": semantic,
+               "params": sum(p.numel() for p in model.parameters()),
+               **json.loads((out / "train.json").read_text())}
+        done.write_text(json.dumps(row, indent=2))
+        return row
 
     def _train_into(self, out: Path, cfg) -> None:
         from modelgrow.train import Trainer
@@ -89,8 +113,12 @@ class Study(Demo):
         from modelgrow.train.export import export_checkpoint
 
         trainer = Trainer(cfg, log=lambda *_: None)
-        trainer.fit()
+        t0 = time.perf_counter()
+        history = trainer.fit()
+        info = {"train_seconds": round(time.perf_counter() - t0, 1), "trainable": sum(p.numel() for p in trainer.params),
+                "final_train_loss": history[-1]["loss"] if history else None}
         export_checkpoint(latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints"), out / "model", "ema")
+        (out / "train.json").write_text(json.dumps(info))
 
     def semantic(self, model_dir: Path, llm: bool, mode: str, template: bool) -> dict:
         from modelgrow.data.synthetic import heldout_prompts
@@ -108,7 +136,8 @@ class Study(Demo):
             res = pipe([p["short"] for p in prompts], long_prompt=[p["long"] for p in prompts], prompt_mode=mode,
                        num_frames=s.frames, height=s.size, width=s.size, generator=torch.Generator().manual_seed(0),
                        progress=False)
-            out[d] = clf.score(res.videos, prompts)["semantic_score"]
+            sc = clf.score(res.videos, prompts)
+            out[d] = {k: sc[k] for k in ("semantic_score", "shape", "color", "direction")}
         return out
 
 
@@ -122,7 +151,8 @@ def table(rows: list[dict]) -> str:
         rs = [r for r in rows if r["arm"] == arm]
         for mode in rs[0]["semantic"]:
             lines.append(f"| {arm} | {mode} | {ms([r['loss']['A'] for r in rs])} | {ms([r['loss']['B'] for r in rs])} | "
-                         f"{ms([r['semantic'][mode]['A'] for r in rs])} | {ms([r['semantic'][mode]['B'] for r in rs])} | {len(rs)} |")
+                         f"{ms([r['semantic'][mode]['A']['semantic_score'] for r in rs])} | "
+                         f"{ms([r['semantic'][mode]['B']['semantic_score'] for r in rs])} | {len(rs)} |")
     return "\n".join(lines)
 
 
@@ -132,20 +162,35 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="override the demo size's pre-training steps")
+    ap.add_argument("--continual-steps", type=int, default=None, help="override the continual step budget (every arm)")
+    ap.add_argument("--lr", type=float, default=None, help="override the learning rate (pre-training and every arm)")
+    ap.add_argument("--prompts", type=int, default=None, help="held-out prompts sampled per domain for the semantic score")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the arms already finished under --work; train nothing")
     args = ap.parse_args(argv)
     size = QUICK if args.quick else DemoSize()
+    over = {"pretrain_steps": args.pretrain_steps, "continual_steps": args.continual_steps, "lr": args.lr,
+            "sample_prompts": args.prompts}
+    size = replace(size, **{k: v for k, v in over.items() if v is not None})
     work = args.work or Path("runs/study-quick" if args.quick else "runs/study")
+    saved = work / "study_size.json"
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(asdict(size))):
+        raise SystemExit(f"{work} was made with other sizes ({saved}); use the same flags or another --work")
+    work.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(asdict(size), indent=2))
     study = Study(work, size, log=print)
-    study.run(["data", "encoders", "vae", "cache", "pretrain"])
-    from modelgrow.models import from_pretrained
-
-    base = from_pretrained(study.path("pretrain", "model"))
-    rows = [{"arm": "base", "seed": 0, "loss": {d: study.heldout_loss(base, d, "S", llm=False) for d in ("A", "B")},
-             "semantic": {"S": study.semantic(study.path("pretrain", "model"), False, "S", True)}}]
-    for seed in (int(s) for s in args.seeds.split(",")):
-        for arm in args.arms.split(","):
-            print(f"[study] {arm} seed {seed}")
-            rows.append(study.run_arm(arm, seed))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    arms = args.arms.split(",")
+    if args.report_only:
+        rows = [json.loads(p.read_text()) for p in [work / "study" / "base.json"] +
+                [work / "study" / f"{a}-seed{s}" / "result.json" for s in seeds for a in arms] if p.exists()]
+    else:
+        study.run(["data", "encoders", "vae", "cache", "pretrain"])
+        rows = [study.run_base()]
+        for seed in seeds:
+            for arm in arms:
+                print(f"[study] {arm} seed {seed}", flush=True)
+                rows.append(study.run_arm(arm, seed))
     md = table(rows)
     print(md)
     device = pick_device()
@@ -153,7 +198,8 @@ def main(argv=None) -> int:
     out_dir = RESULTS / slug(env["device"])
     out_dir.mkdir(parents=True, exist_ok=True)
     name = "study_continual_quick" if args.quick else "study_continual"
-    (out_dir / f"{name}.json").write_text(json.dumps({"bench": name, "env": env, "size": vars(size), "rows": rows}, indent=2, default=str))
+    (out_dir / f"{name}.json").write_text(json.dumps({"bench": name, "env": env, "size": asdict(size), "seeds": seeds,
+                                                      "command": " ".join(sys.argv), "rows": rows}, indent=2, default=str))
     (out_dir / f"{name}.md").write_text(f"# {name}\n\n{md}\n")
     print("wrote", out_dir / f"{name}.json")
     return 0

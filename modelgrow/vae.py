@@ -1,5 +1,8 @@
-"""Video VAE: diffusers ``AutoencoderKL`` (the sd-vae-ft-ema layout Open-Sora v1.0 uses) applied frame by
-frame in micro-batches, latents scaled by 0.18215.
+"""Video VAE: a diffusers image autoencoder applied frame by frame in micro-batches. ``AutoencoderKL`` is the
+sd-vae-ft-ema layout Open-Sora v1.0 uses (latents scaled by 0.18215); ``AutoencoderTiny`` (TAESD layout,
+deterministic, no GroupNorm) is what the demo trains on its synthetic frames. Latents are
+``(raw - shift_factor) * scaling_factor``, both read from the autoencoder's config unless given (diffusers'
+AutoencoderKL default, 0.18215 and no shift, is Open-Sora's value).
 
     vae = VideoVAE.from_pretrained("weights/sd-vae-ft-ema", micro_batch_size=4)
     z = vae.encode(video)     # [B, 3, T, H, W] in [-1, 1] -> [B, 4, T, H/8, W/8]
@@ -10,6 +13,7 @@ Weights load from a local directory only (nothing is downloaded).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,37 +31,76 @@ def is_diffusers_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def quiet_diffusers():
+    """diffusers' AutoencoderTiny registers ``block_out_channels`` in its own config and then warns, on every
+    load, that the attribute is unexpected; keep that noise out of the logs while loading."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
+def autoencoder_class(path: str | os.PathLike):
+    """The diffusers class saved in ``path``/config.json (``_class_name``): AutoencoderKL or AutoencoderTiny."""
+    import json
+
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no autoencoder here (config.json missing); VAEs load from local directories only")
+    name = json.loads((path / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    classes = {"AutoencoderKL": AutoencoderKL, "AutoencoderTiny": AutoencoderTiny}
+    if name not in classes:
+        raise ValueError(f"{path}/config.json: _class_name {name!r} is not a supported image autoencoder ({', '.join(classes)})")
+    return classes[name]
+
+
 class VideoVAE(nn.Module):
     """Frame-wise wrapper around an ``AutoencoderKL``; ``micro_batch_size`` frames go through at a time
     (None: all frames of the batch at once)."""
 
-    def __init__(self, module: nn.Module, micro_batch_size: int | None = 4, scaling_factor: float = SCALING_FACTOR,
-                 sample_posterior: bool = True):
+    def __init__(self, module: nn.Module, micro_batch_size: int | None = 4, scaling_factor: float | None = None,
+                 sample_posterior: bool = True, shift_factor: float | None = None):
         super().__init__()
         if micro_batch_size is not None and micro_batch_size <= 0:
             raise ValueError(f"micro_batch_size must be > 0 or None, got {micro_batch_size}")
         self.module = module
         self.micro_batch_size = micro_batch_size
-        self.scaling_factor = scaling_factor
+        cfg = module.config
+        if scaling_factor is None:
+            scaling_factor = getattr(cfg, "scaling_factor", None) or SCALING_FACTOR
+        if shift_factor is None:
+            shift_factor = getattr(cfg, "shift_factor", None) or 0.0
+        if not scaling_factor > 0:
+            raise ValueError(f"scaling_factor must be > 0, got {scaling_factor}")
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
         self.sample_posterior = sample_posterior
-        self.out_channels = module.config.latent_channels
-        self.patch_size = (1, 2 ** (len(module.config.block_out_channels) - 1), 2 ** (len(module.config.block_out_channels) - 1))
+        self.out_channels = cfg.latent_channels
+        # AutoencoderKL: one 2x downsample per block but the last; AutoencoderTiny: one per encoder block but the first
+        levels = len(getattr(cfg, "encoder_block_out_channels", None) or cfg.block_out_channels) - 1
+        if getattr(cfg, "upsampling_scaling_factor", 2) != 2:
+            raise ValueError("only AutoencoderTiny with upsampling_scaling_factor=2 is supported")
+        self.patch_size = (1, 2**levels, 2**levels)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, micro_batch_size: int | None = 4, device=None, dtype=None, **kw) -> VideoVAE:
         if not is_diffusers_available():
             raise ImportError("the VAE needs diffusers: pip install diffusers")
-        from diffusers import AutoencoderKL
-
         path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: no AutoencoderKL here (config.json missing); VAEs load from local directories only")
-        module = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+        with quiet_diffusers():
+            module = autoencoder_class(path).from_pretrained(str(path), local_files_only=True)
         vae = cls(module.eval().requires_grad_(False), micro_batch_size=micro_batch_size, **kw)
         return vae.to(device=device, dtype=dtype)
 
     def get_latent_size(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
-        """(T, H, W) pixels -> (T, H/8, W/8) latent."""
+        """(T, H, W) pixels -> (T, H/f, W/f) latent (f = 8 for sd-vae-ft-ema)."""
         return tuple(s // p for s, p in zip(input_size, self.patch_size))  # type: ignore[return-value]
 
     def _framewise(self, x: torch.Tensor, fn) -> torch.Tensor:
@@ -74,9 +117,13 @@ class VideoVAE(nn.Module):
             raise ValueError(f"expected a video batch [B, 3, T, H, W]; got {list(x.shape)}")
 
         def enc(f):
-            dist = self.module.encode(f.to(self.dtype)).latent_dist
-            z = dist.sample(generator=generator) if self.sample_posterior else dist.mode()
-            return z * self.scaling_factor
+            out = self.module.encode(f.to(self.dtype))
+            if hasattr(out, "latent_dist"):
+                dist = out.latent_dist
+                z = dist.sample(generator=generator) if self.sample_posterior else dist.mode()
+            else:  # deterministic autoencoder (AutoencoderTiny)
+                z = out.latents
+            return (z - self.shift_factor) * self.scaling_factor
 
         return self._framewise(x, enc)
 
@@ -85,7 +132,7 @@ class VideoVAE(nn.Module):
         """Scaled latents [B, C_z, T, h, w] -> videos [B, 3, T, 8h, 8w] (roughly in [-1, 1])."""
         if z.ndim != 5 or z.shape[1] != self.out_channels:
             raise ValueError(f"expected latents [B, {self.out_channels}, T, h, w]; got {list(z.shape)}")
-        return self._framewise(z, lambda f: self.module.decode(f.to(self.dtype) / self.scaling_factor).sample)
+        return self._framewise(z, lambda f: self.module.decode(f.to(self.dtype) / self.scaling_factor + self.shift_factor).sample)
 
     @property
     def dtype(self) -> torch.dtype:

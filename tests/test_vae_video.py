@@ -1,4 +1,4 @@
-"""Video VAE wrapper (tiny diffusers AutoencoderKL from a config) and video file I/O."""
+"""Video VAE wrapper (tiny diffusers AutoencoderKL / AutoencoderTiny from configs) and video file I/O."""
 
 import numpy as np
 import pytest
@@ -38,6 +38,30 @@ def test_framewise_encode_decode_match_per_frame_calls(tmp_path, micro):
         torch.testing.assert_close(out[1:2, :, 3], want, rtol=1e-4, atol=1e-5)
 
 
+def test_tiny_autoencoder_with_shift_and_scale_from_its_config(tmp_path):
+    """AutoencoderTiny (the demo's VAE): deterministic latents, 2**(blocks - 1) downsampling, and the latent
+    standardisation ``(raw - shift_factor) * scaling_factor`` taken from the saved config."""
+    raw = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8),
+                                    num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1))
+    raw.register_to_config(shift_factor=-0.25, scaling_factor=1.75)
+    raw.save_pretrained(tmp_path / "taesd")
+    vae = VideoVAE.from_pretrained(tmp_path / "taesd", micro_batch_size=2)
+    assert type(vae.module).__name__ == "AutoencoderTiny"
+    assert vae.patch_size == (1, 4, 4) and (vae.shift_factor, vae.scaling_factor) == (-0.25, 1.75)
+    x = torch.rand(2, 3, 3, 16, 8) * 2 - 1
+    z = vae.encode(x)
+    assert z.shape == (2, 4, 3, 4, 2)
+    with torch.no_grad():
+        want = (raw.encode(x[1:2, :, 2]).latents + 0.25) * 1.75
+        torch.testing.assert_close(z[1:2, :, 2], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(vae.decode(z)[0:1, :, 1], raw.decode(z[0:1, :, 1] / 1.75 - 0.25).sample, rtol=1e-4, atol=1e-5)
+    # an explicit argument wins over the config; AutoencoderKL keeps Open-Sora's 0.18215 and no shift
+    assert VideoVAE(raw, scaling_factor=0.5).scaling_factor == 0.5
+    path, _ = _tiny_vae_dir(tmp_path)
+    kl = VideoVAE.from_pretrained(path)
+    assert (kl.scaling_factor, kl.shift_factor) == (SCALING_FACTOR, 0.0)
+
+
 def test_vae_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="local directories only"):
         VideoVAE.from_pretrained(tmp_path / "nothing")
@@ -47,6 +71,10 @@ def test_vae_errors(tmp_path):
         vae.encode(torch.zeros(1, 4, 2, 8, 8))
     with pytest.raises(ValueError, match="micro_batch_size"):
         VideoVAE(vae.module, micro_batch_size=0)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(ValueError, match="UNet2DModel.*not a supported"):
+        VideoVAE.from_pretrained(tmp_path / "other")
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".webm"])

@@ -89,6 +89,7 @@ def encoder_identity(kind: str, enc: Any) -> dict[str, Any]:
     if kind == "vae":
         return {"class": type(enc.module).__name__, "config": config_fingerprint(enc.module.config),
                 "weights": _param_fingerprint(enc.module), "scaling_factor": float(enc.scaling_factor),
+                "shift_factor": float(getattr(enc, "shift_factor", 0.0)),
                 "latent": "mode", "latent_channels": int(enc.out_channels)}
     ident = {"class": type(enc.model).__name__, "config": config_fingerprint(enc.model.config),
              "weights": _param_fingerprint(enc.model), "path": getattr(enc, "path", None),
@@ -412,9 +413,11 @@ class CachedDataset:
 def _config_fingerprint_of_dir(kind: str, path: str) -> str | None:
     try:
         if kind == "vae":
-            from diffusers import AutoencoderKL
+            from ..vae import autoencoder_class, quiet_diffusers
 
-            return config_fingerprint(AutoencoderKL.from_config(AutoencoderKL.load_config(path)).config)
+            cls = autoencoder_class(path)
+            with quiet_diffusers():
+                return config_fingerprint(cls.from_config(cls.load_config(path)).config)
         from transformers import AutoConfig
 
         return config_fingerprint(AutoConfig.from_pretrained(path, local_files_only=True))
