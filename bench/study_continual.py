@@ -1,11 +1,14 @@
 """The paper's continual pre-training comparisons at small scale, on the demo's synthetic world.
 
     python bench/study_continual.py --quick                 # minutes on a CPU: checks the harness, not the claims
-    python bench/study_continual.py --seeds 0,1,2            # demo-size models (CPU: about an hour; GPU: minutes)
+    python bench/study_continual.py --seeds 0 --pretrain-steps 1500 --continual-steps 250 --lr 1e-3 --prompts 6
+                                                             # the committed run (CPU: ~35 min a seed)
+Finished arms are kept under --work (result.json each) and reused; --report-only tabulates them.
 
 Every arm starts from the same model pre-trained on domain A (the demo's stages 1-5, reused from --work) and
 gets the same continual step x batch budget on domain B. Arms: Base (no continual training), Vanilla, LoRA,
-Expansion insert / prefix / suffix (k = 1), insert with k = 0.5 and 2, Expansion + LLM, Vanilla + LLM, and its
+Expansion insert / prefix / suffix (k = 1), insert k = 1 training only the new blocks (LLaMA Pro style),
+insert with k = 0.5 and 2, Expansion + LLM, Vanilla + LLM, and its
 ablations without the chat template and without the T5 -> LLM weight duplication; the Expansion + LLM arm is
 also sampled with prompt modes S, L and SL. Metrics: held-out denoising loss on A (forgetting) and B (new
 knowledge), and the semantic score of sampled held-out prompts. Output: a markdown table (mean +- std over
@@ -38,6 +41,7 @@ ARMS: dict[str, tuple[str, list[str], str, bool]] = {
     "expand-insert-k1": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "1"], "S", True),
     "expand-prefix-k1": ("expand", ["--grow.strategy", "prefix", "--grow.ratio", "1"], "S", True),
     "expand-suffix-k1": ("expand", ["--grow.strategy", "suffix", "--grow.ratio", "1"], "S", True),
+    "expand-insert-k1-new-only": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "1", "--grow.train_new_only", "true"], "S", True),
     "expand-insert-k0.5": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "0.5"], "S", True),
     "expand-insert-k2": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "2"], "S", True),
     "expand+llm": ("expand", ["--grow.strategy", "insert", "--grow.ratio", "1", "--grow.llm", "true"], "SL", True),
@@ -153,6 +157,15 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {arm} | {mode} | {ms([r['loss']['A'] for r in rs])} | {ms([r['loss']['B'] for r in rs])} | "
                          f"{ms([r['semantic'][mode]['A']['semantic_score'] for r in rs])} | "
                          f"{ms([r['semantic'][mode]['B']['semantic_score'] for r in rs])} | {len(rs)} |")
+    lines += ["", "Semantic score by attribute (accuracy of the classifier's shape / colour / direction against the prompt):", "",
+              "| arm | prompt mode | A shape | A colour | A direction | B shape | B colour | B direction |",
+              "|---|---|---|---|---|---|---|---|"]
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        rs = [r for r in rows if r["arm"] == arm]
+        for mode in rs[0]["semantic"]:
+            cells = [f"{statistics.mean(r['semantic'][mode][d][a] for r in rs):.3f}"
+                     for d in ("A", "B") for a in ("shape", "color", "direction")]
+            lines.append(f"| {arm} | {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
