@@ -39,6 +39,8 @@ try:
     import triton
     import triton.language as tl
 
+    from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - installs without Triton run the reference
 
@@ -104,9 +106,11 @@ def _ref_lse(q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Triton kernels. Grids: axis 0 = b * H + h (no 65535 limit), axis 1 = block of queries / keys.
-# Scores are kept in base-2 units (qk_scale = log2(e) / sqrt(D)) so the softmax uses exp2; LSE is stored in
-# natural-log units, +inf for a row with no valid key (so exp2(s - lse) = 0 in the backward).
+# Triton kernels. 1-D grids, the query / key block index fastest (the programs sharing one (b, h)'s K / V run
+# side by side). Head dim split D0 + D1 and row strides divided by VEC as in mgkernels._tiles. Scores are kept
+# in base-2 units (qk_scale = log2(e) / sqrt(D)) so the softmax uses exp2; LSE is stored in natural-log units,
+# +inf for a row with no valid key (so exp2(s - lse) = 0 in the backward). GATED=False computes the plain
+# cross-attention o (STDiT's T5 and LLM cross-attention, whose output projection comes before any gate).
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
@@ -120,31 +124,26 @@ def _gca_fwd_kernel(
     sob, son, soh, sod,
     s_ob, s_on, s_oh, s_od,
     slb, slh, sln,
-    H, N, L, D, qk_scale,
-    HAS_MASK: tl.constexpr, SAVE: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N, L, NM, qk_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+    HAS_MASK: tl.constexpr, GATED: tl.constexpr, SAVE: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % NM
+    h = pid // NM % H
+    b = pid // NM // H
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_ok = offs_m < N
-    d_ok = offs_d < D
-    md_ok = m_ok[:, None] & d_ok[None, :]
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
+    q0, q1 = load_head(Q + b * (sqb * VEC) + h * (sqh * VEC), offs_m * (sqn * VEC), m_ok, sqd, HEAD_DIM, D0, D1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, D1A], dtype=tl.float32)
+    k_base = K + b * (skb * VEC) + h * (skh * VEC)
+    v_base = V + b * (svb * VEC) + h * (svh * VEC)
     kv_end = L
     if HAS_MASK:  # keys after the sample's last valid one are never visited
         kv_end = tl.load(KV_END + b)
@@ -152,37 +151,38 @@ def _gca_fwd_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         keep = offs_n < L
         if HAS_MASK:
-            mv = tl.load(MASK + b * smb + offs_n * sml, mask=keep, other=0)
-            keep = keep & (mv != 0)
-        kt = tl.load(k_base + offs_n[None, :] * skl + offs_d[:, None] * skd,
-                     mask=keep[None, :] & d_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        if DOT_F32:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 units
+            keep = keep & (tl.load(MASK + b * smb + offs_n * sml, mask=keep, other=0) != 0)
+        k0, k1 = load_head(k_base, offs_n * (skl * VEC), keep, skd, HEAD_DIM, D0, D1)
+        s = dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * qk_scale  # [BLOCK_M, BLOCK_N], base-2 units
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: avoid (-inf) - (-inf)
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :] * svd,
-                     mask=keep[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        if DOT_F32:
-            vt = vt.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        v0, v1 = load_head(v_base, offs_n * (svl * VEC), keep, svd, HEAD_DIM, D0, D1)
+        acc0 = mm(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_FP32)
+        if D1 > 0:
+            acc1 = mm(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_FP32)
         m_i = m_new
 
     has = l_i > 0.0
-    o = acc / tl.where(has, l_i, 1.0)[:, None]  # rows with no valid key: acc = 0 -> o = 0
-
-    g = tl.load(G + h).to(tl.float32)
-    xv = tl.load(X + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :] * sxd, mask=md_ok, other=0.0)
-    out = xv.to(tl.float32) + g * o
-    tl.store(OUT + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-             out.to(OUT.dtype.element_ty), mask=md_ok)
+    inv = (1.0 / tl.where(has, l_i, 1.0))[:, None]  # rows with no valid key: acc = 0 -> o = 0
+    o0 = acc0 * inv
+    o1 = acc1 * inv
+    out_rows = offs_m * (son * VEC)
+    out_base = OUT + b * (sob * VEC) + h * (soh * VEC)
+    if GATED:
+        g = tl.load(G + h).to(tl.float32)
+        x0, x1 = load_head(X + b * (sxb * VEC) + h * (sxh * VEC), offs_m * (sxn * VEC), m_ok, sxd, HEAD_DIM, D0, D1)
+        store_head(out_base, out_rows, m_ok, sod, x0.to(tl.float32) + g * o0, x1.to(tl.float32) + g * o1,
+                   HEAD_DIM, D0, D1)
+        if SAVE:
+            store_head(OATT + b * (s_ob * VEC) + h * (s_oh * VEC), offs_m * (s_on * VEC), m_ok, s_od, o0, o1,
+                       HEAD_DIM, D0, D1)
+    else:
+        store_head(out_base, out_rows, m_ok, sod, o0, o1, HEAD_DIM, D0, D1)
     if SAVE:
-        tl.store(OATT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
-                 o.to(OATT.dtype.element_ty), mask=md_ok)
         lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("inf"))
         tl.store(LSE + b * slb + h * slh + offs_m * sln, lse, mask=m_ok)
 
@@ -193,27 +193,24 @@ def _gca_bwd_preprocess_kernel(
     sdb, sdn, sdh, sdd,
     s_ob, s_on, s_oh, s_od,
     stb, sth, stn,
-    H, N, D,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N, NM,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """DOT[b, h, n] = sum_d dout * o (fp32, un-gated): delta = g * DOT, and dlam = (1 - g^2) * sum DOT."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % NM
+    h = pid // NM % H
+    b = pid // NM // H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_ok = offs_m < N
-    md_ok = m_ok[:, None] & (offs_d < D)[None, :]
-    do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=md_ok, other=0.0)
-    o = tl.load(OATT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od, mask=md_ok, other=0.0)
-    dot = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
-    tl.store(DOT + b * stb + h * sth + offs_m * stn, dot, mask=m_ok)
+    do0, do1 = load_head(DOUT + b * (sdb * VEC) + h * (sdh * VEC), offs_m * (sdn * VEC), m_ok, sdd, HEAD_DIM, D0, D1)
+    o0, o1 = load_head(OATT + b * (s_ob * VEC) + h * (s_oh * VEC), offs_m * (s_on * VEC), m_ok, s_od, HEAD_DIM, D0, D1)
+    tl.store(DOT + b * stb + h * sth + offs_m * stn, row_dot(do0, do1, o0, o1, D1), mask=m_ok)
 
 
 @triton.jit
 def _gca_bwd_dkdv_kernel(
-    Q, K, V, DOUT, G, MASK, KV_END, LSE, DOT, DK, DV,
+    Q, K, V, DOUT, G, MASK, LSE, DOT, DK, DV,
     sqb, sqn, sqh, sqd,
     skb, skl, skh, skd,
     svb, svl, svh, svd,
@@ -223,66 +220,56 @@ def _gca_bwd_dkdv_kernel(
     stb, sth, stn,
     sdkb, sdkl, sdkh, sdkd,
     sdvb, sdvl, sdvh, sdvd,
-    H, N, L, D, qk_scale, sm_scale,
-    HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N, L, NN, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of keys per program, looping over every query block (deterministic, no atomics)."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % NN
+    h = pid // NN % H
+    b = pid // NN // H
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     n_ok = offs_n < L
-    d_ok = offs_d < D
     keep = n_ok
     if HAS_MASK:
-        mv = tl.load(MASK + b * smb + offs_n * sml, mask=n_ok, other=0)
-        keep = keep & (mv != 0)
-    kd_keep = keep[:, None] & d_ok[None, :]
-
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=kd_keep, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=kd_keep, other=0.0)
-    if DOT_F32:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+        keep = keep & (tl.load(MASK + b * smb + offs_n * sml, mask=n_ok, other=0) != 0)
+    k0, k1 = load_head(K + b * (skb * VEC) + h * (skh * VEC), offs_n * (skl * VEC), keep, skd, HEAD_DIM, D0, D1)
+    v0, v1 = load_head(V + b * (svb * VEC) + h * (svh * VEC), offs_n * (svl * VEC), keep, svd, HEAD_DIM, D0, D1)
     g = tl.load(G + h).to(tl.float32)
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)  # un-gated: sum p^T dout (times g at the end)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DOUT + b * sdb + h * sdh
+    dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1A], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)  # un-gated: sum p^T dout (times g at the end)
+    dv1 = tl.zeros([BLOCK_N, D1A], dtype=tl.float32)
+    q_base = Q + b * (sqb * VEC) + h * (sqh * VEC)
+    do_base = DOUT + b * (sdb * VEC) + h * (sdh * VEC)
     m_end = N
     if HAS_MASK:  # a block of padding keys: dk = dv = 0 without visiting the queries
         m_end = tl.where(tl.max(keep.to(tl.int32), axis=0) > 0, N, 0)
     for start_m in range(0, m_end, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
         m_ok = offs_m < N
-        md_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=md_ok, other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        q0, q1 = load_head(q_base, offs_m * (sqn * VEC), m_ok, sqd, HEAD_DIM, D0, D1)
+        do0, do1 = load_head(do_base, offs_m * (sdn * VEC), m_ok, sdd, HEAD_DIM, D0, D1)
         lse = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=m_ok, other=float("inf"))
         dot = tl.load(DOT + b * stb + h * sth + offs_m * stn, mask=m_ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-        pt = tl.math.exp2(st - (lse * 1.4426950408889634)[None, :])
-        pt = tl.where(keep[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC) * g  # d(attn) = g * dout
-        dst = pt * (dpt - (g * dot)[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PREC)
+        pt = tl.math.exp2(dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * qk_scale - (lse * 1.4426950408889634)[None, :])
+        pt = tl.where(keep[:, None], pt, 0.0)  # [BLOCK_N, BLOCK_M]
+        dv0 = mm(pt.to(do0.dtype), do0, dv0, DOT_FP32)
+        if D1 > 0:
+            dv1 = mm(pt.to(do1.dtype), do1, dv1, DOT_FP32)
+        dst = pt * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) * g - (g * dot)[None, :])  # d(attn) = g * dout
+        dk0 = mm(dst.to(q0.dtype), q0, dk0, DOT_FP32)
+        if D1 > 0:
+            dk1 = mm(dst.to(q1.dtype), q1, dk1, DOT_FP32)
 
-    dk = dk * sm_scale
-    dv = dv * g
-    nd_ok = n_ok[:, None] & d_ok[None, :]  # masked keys get an exact 0
-    tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkl + offs_d[None, :] * sdkd,
-             dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvl + offs_d[None, :] * sdvd,
-             dv.to(DV.dtype.element_ty), mask=nd_ok)
+    # masked keys get an exact 0
+    store_head(DK + b * (sdkb * VEC) + h * (sdkh * VEC), offs_n * (sdkl * VEC), n_ok, sdkd, dk0 * sm_scale,
+               dk1 * sm_scale, HEAD_DIM, D0, D1)
+    store_head(DV + b * (sdvb * VEC) + h * (sdvh * VEC), offs_n * (sdvl * VEC), n_ok, sdvd, dv0 * g, dv1 * g,
+               HEAD_DIM, D0, D1)
 
 
 @triton.jit
@@ -296,34 +283,28 @@ def _gca_bwd_dq_kernel(
     slb, slh, sln,
     stb, sth, stn,
     sdqb, sdqn, sdqh, sdqd,
-    H, N, L, D, qk_scale, sm_scale,
-    HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N, L, NM, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of queries per program, looping over every key block."""
-    pid_bh = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid % NM
+    h = pid // NM % H
+    b = pid // NM // H
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
     m_ok = offs_m < N
-    d_ok = offs_d < D
-    md_ok = m_ok[:, None] & d_ok[None, :]
-
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=md_ok, other=0.0)
-    do = tl.load(DOUT + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :] * sdd, mask=md_ok, other=0.0)
-    if DOT_F32:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q0, q1 = load_head(Q + b * (sqb * VEC) + h * (sqh * VEC), offs_m * (sqn * VEC), m_ok, sqd, HEAD_DIM, D0, D1)
+    do0, do1 = load_head(DOUT + b * (sdb * VEC) + h * (sdh * VEC), offs_m * (sdn * VEC), m_ok, sdd, HEAD_DIM, D0, D1)
     lse = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=m_ok, other=float("inf")) * 1.4426950408889634
     g = tl.load(G + h).to(tl.float32)
     delta = g * tl.load(DOT + b * stb + h * sth + offs_m * stn, mask=m_ok, other=0.0)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1A], dtype=tl.float32)
+    k_base = K + b * (skb * VEC) + h * (skh * VEC)
+    v_base = V + b * (svb * VEC) + h * (svh * VEC)
     kv_end = L
     if HAS_MASK:  # keys after the sample's last valid one are never visited
         kv_end = tl.load(KV_END + b)
@@ -331,66 +312,55 @@ def _gca_bwd_dq_kernel(
         offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
         keep = offs_n < L
         if HAS_MASK:
-            mv = tl.load(MASK + b * smb + offs_n * sml, mask=keep, other=0)
-            keep = keep & (mv != 0)
-        kd_keep = keep[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skl + offs_d[None, :] * skd, mask=kd_keep, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svl + offs_d[None, :] * svd, mask=kd_keep, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [BLOCK_M, BLOCK_N]
-        p = tl.math.exp2(s - lse[:, None])
+            keep = keep & (tl.load(MASK + b * smb + offs_n * sml, mask=keep, other=0) != 0)
+        k0, k1 = load_head(k_base, offs_n * (skl * VEC), keep, skd, HEAD_DIM, D0, D1)
+        v0, v1 = load_head(v_base, offs_n * (svl * VEC), keep, svd, HEAD_DIM, D0, D1)
+        p = tl.math.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * qk_scale - lse[:, None])
         p = tl.where(keep[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC) * g
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) * g - delta[:, None])
+        dq0 = mm(ds.to(k0.dtype), k0, dq0, DOT_FP32)
+        if D1 > 0:
+            dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
 
-    dq = dq * sm_scale
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqn + offs_d[None, :] * sdqd,
-             dq.to(DQ.dtype.element_ty), mask=md_ok)
+    store_head(DQ + b * (sdqb * VEC) + h * (sdqh * VEC), offs_m * (sdqn * VEC), m_ok, sdqd, dq0 * sm_scale,
+               dq1 * sm_scale, HEAD_DIM, D0, D1)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Launchers: allocate outputs, pick block sizes with a simple heuristic, launch.
+# Launchers: allocate outputs, pick tiles (the same on the GPU and under the CPU interpreter, so the tests run
+# what the GPU runs; each checked in the sm_90 compile report: no spills, 128-bit loads, HGMMA for fp16 /
+# bf16), launch.
 # ----------------------------------------------------------------------------------------------------------
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel; "tc": fp16 / bf16 on tensor cores, "fp32": exact IEEE fp32
+_TILES = {
+    "tc": dict(fwd=(64, 64, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)),
+    "fp32": dict(fwd=(32, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
+}
 
 
-def _fwd_config(D: int, L: int, dtype: torch.dtype) -> dict:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the forward / dQ kernels."""
-    block_d = max(16, _next_pow2(D))
-    if interpreter_enabled():  # small tiles: every loop runs several blocks, the interpreter stays quick
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32 or block_d > 128
-    block_m = 64 if wide else 128
-    block_n = min(32 if block_d > 128 else 64, max(16, _next_pow2(L)))
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                num_warps=8 if block_d >= 128 and block_m >= 128 else 4, num_stages=2 if wide else 3)
-
-
-def _bwd_config(D: int, L: int, dtype: torch.dtype) -> dict:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for the two backward kernels."""
-    block_d = max(16, _next_pow2(D))
-    if interpreter_enabled():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=4, num_stages=1)
-    wide = dtype == torch.float32 or block_d > 128
-    block = 32 if wide else 64
-    return dict(BLOCK_M=block, BLOCK_N=min(block, max(16, _next_pow2(L))), BLOCK_D=block_d,
-                num_warps=4 if block_d <= 64 else 8, num_stages=1 if block_d > 128 else 2)
-
-
-def _launch_kw(cfg: dict, block_m: int | None, block_n: int | None) -> dict:
-    cfg = dict(cfg)
-    if block_m is not None:
-        cfg["BLOCK_M"] = block_m
-    if block_n is not None:
-        cfg["BLOCK_N"] = block_n
-    if interpreter_enabled():  # launch options the interpreter has no use for
-        cfg.pop("num_warps"), cfg.pop("num_stages")
+def _tiles(kernel: str, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> dict:
+    bm, bn, warps, stages = _TILES["fp32" if dtype == torch.float32 else "tc"][kernel]
+    cfg = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn)
+    if not interpreter_enabled():  # launch options the interpreter has no use for
+        cfg.update(num_warps=warps, num_stages=stages)
     return cfg
+
+
+def _heads(D: int, dtype: torch.dtype, tensors: list[Tensor]) -> dict:
+    D0, D1 = head_split(D)
+    rows, ds = [], []
+    for t in tensors:
+        rows.extend(t.stride()[:-1])
+        ds.append(t.stride()[-1])
+    vec = vec_for(tensors, rows, ds) if D % max(1, 16 // tensors[0].element_size()) == 0 else 1
+    return dict(HEAD_DIM=D, D0=D0, D1=D1, D1A=D1 or 16, VEC=vec, DOT_FP32=_dot_f32(dtype))
+
+
+def _div(t: Tensor, vec: int) -> tuple[int, ...]:
+    """A tensor's strides with the row strides divided by vec (exact: vec_for checked them)."""
+    st = t.stride()
+    return tuple(s // vec for s in st[:-1]) + (st[-1],)
 
 
 def _mask_arg(mask: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor, int, int]:
@@ -405,78 +375,89 @@ def _mask_arg(mask: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor, int, i
 
 
 def _dot_f32(dtype: torch.dtype) -> bool:
-    # The interpreter cannot do bf16 arithmetic (it holds bf16 as uint16): upcast tiles before tl.dot there.
-    return interpreter_enabled() and dtype == torch.bfloat16
+    # fp32 tiles: exact IEEE products (TF32 would miss the fp32 tolerance). The interpreter cannot do bf16 /
+    # fp16 arithmetic reliably (it holds bf16 as uint16): upcast tiles before tl.dot there. On the GPU fp16 /
+    # bf16 tiles feed the tensor cores directly.
+    return dtype == torch.float32 or interpreter_enabled()
 
 
-def _dot_prec(dtype: torch.dtype) -> str:
-    # fp32 (and fp64) tiles: exact IEEE products (TF32 would miss the fp32 tolerance); fp16 / bf16 tiles use
-    # the tensor cores as always ("tf32" is Triton's NVIDIA default and only affects fp32 operands).
-    return "tf32" if dtype in (torch.float16, torch.bfloat16) and not _dot_f32(dtype) else "ieee"
-
-
-def _triton_fwd(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Tensor | None, save: bool,
-                block_m: int | None = None, block_n: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _triton_fwd(x: Tensor | None, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None, mask: Tensor | None,
+                save: bool, block_m: int | None = None,
+                block_n: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gated (``lam`` given): (out = x + tanh(lam) o, o if save, lse if save). Plain (``lam is None``, x
+    ignored): (o, empty, lse if save)."""
     B, N, H, D = q.shape
     L = k.shape[1]
-    x4 = x.unflatten(-1, (H, D)) if x.dim() == 3 else x
-    out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    out4 = out.unflatten(-1, (H, D)) if out.dim() == 3 else out
-    o = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype) if save else q.new_empty(0)
+    gated = lam is not None
+    if gated:
+        x4 = x.unflatten(-1, (H, D)) if x.dim() == 3 else x
+        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        out4 = out.unflatten(-1, (H, D)) if out.dim() == 3 else out
+    else:
+        out = out4 = x4 = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype)
+    o = torch.empty((B, N, H, D), device=q.device, dtype=q.dtype) if save and gated else q.new_empty(0)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32) if save else q.new_empty(0, dtype=torch.float32)
     if out.numel() == 0:
         return out, o, lse
-    g = _gate(lam, H).float().contiguous()
+    g = _gate(lam, H).float().contiguous() if gated else lse
     m, kv_end, smb, sml = _mask_arg(mask, q)
-    o_t = o if save else out4  # placeholder pointer when not saving
-    o_st = o.stride() if save else (0, 0, 0, 0)
-    l_t = lse if save else g
+    o_t = o if save and gated else out4  # placeholder pointer when there is no separate o to save
+    heads = _heads(D, q.dtype, [q, k, v, x4, out4, o_t])  # VEC = 1 unless all share one element size
+    vec = heads["VEC"]
     l_st = lse.stride() if save else (0, 0, 0)
-    cfg = _launch_kw(_fwd_config(D, L, q.dtype), block_m, block_n)
-    grid = (B * H, triton.cdiv(N, cfg["BLOCK_M"]))
-    _gca_fwd_kernel[grid](
-        q, k, v, x4, g, m, kv_end, out4, o_t, l_t,
-        *q.stride(), *k.stride(), *v.stride(), *x4.stride(), smb, sml, *out4.stride(), *o_st, *l_st,
-        H, N, L, D, math.log2(math.e) / math.sqrt(D),
-        HAS_MASK=mask is not None, SAVE=save, DOT_F32=_dot_f32(q.dtype), DOT_PREC=_dot_prec(q.dtype), **cfg,
-    )
+    cfg = _tiles("fwd", q.dtype, block_m, block_n)
+    nm = triton.cdiv(N, cfg["BLOCK_M"])
+    _gca_fwd_kernel[(B * H * nm,)](
+        q, k, v, x4, g, m, kv_end, out4, o_t, lse if save else g,
+        *_div(q, vec), *_div(k, vec), *_div(v, vec), *_div(x4, vec), smb, sml, *_div(out4, vec), *_div(o_t, vec),
+        *l_st, H, N, L, nm, math.log2(math.e) / math.sqrt(D),
+        HAS_MASK=mask is not None, GATED=gated, SAVE=save, **heads, **cfg,
+    )  # fmt: skip
     return out, o, lse
 
 
-def _triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Tensor | None, o: Tensor,
+def _triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None, mask: Tensor | None, o: Tensor,
                 lse: Tensor, block_m: int | None = None,
-                block_n: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                block_n: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dlam) from dout (gated: d out; plain, ``lam is None``: d o, and dlam is None)."""
     B, N, H, D = q.shape
     L = k.shape[1]
     d4 = dout.unflatten(-1, (H, D)) if dout.dim() == 3 else dout
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
-    g = _gate(lam, H).float().contiguous()
+    g = _gate(lam, H).float().contiguous() if lam is not None else torch.ones(H, device=q.device)
     dot = torch.zeros((B, H, N), device=q.device, dtype=torch.float32)
     if dq.numel() and dk.numel():
         m, kv_end, smb, sml = _mask_arg(mask, q)
-        cfg = _launch_kw(_bwd_config(D, L, q.dtype), block_m, block_n)
         scale = 1.0 / math.sqrt(D)
         qk_scale = scale * math.log2(math.e)
-        dot_f32 = _dot_f32(q.dtype)
-        pre_bm = 16 if interpreter_enabled() else 64
-        _gca_bwd_preprocess_kernel[(B * H, triton.cdiv(N, pre_bm))](
-            d4, o, dot, *d4.stride(), *o.stride(), *dot.stride(), H, N, D,
-            BLOCK_M=pre_bm, BLOCK_D=cfg["BLOCK_D"],
-        )
-        common = (*q.stride(), *k.stride(), *v.stride(), *d4.stride(), smb, sml, *lse.stride(), *dot.stride())
-        _gca_bwd_dkdv_kernel[(B * H, triton.cdiv(L, cfg["BLOCK_N"]))](
-            q, k, v, d4, g, m, kv_end, lse, dot, dk, dv, *common, *dk.stride(), *dv.stride(),
-            H, N, L, D, qk_scale, scale, HAS_MASK=mask is not None, DOT_F32=dot_f32, DOT_PREC=_dot_prec(q.dtype), **cfg,
-        )
-        _gca_bwd_dq_kernel[(B * H, triton.cdiv(N, cfg["BLOCK_M"]))](
-            q, k, v, d4, g, m, kv_end, lse, dot, dq, *common, *dq.stride(),
-            H, N, L, D, qk_scale, scale, HAS_MASK=mask is not None, DOT_F32=dot_f32, DOT_PREC=_dot_prec(q.dtype), **cfg,
-        )
+        heads = _heads(D, q.dtype, [q, k, v, o, dq, dk, dv, d4])
+        vec = heads["VEC"]
+        d4s = _div(d4, vec)
+        pre = _tiles("fwd", q.dtype, None, None)
+        pre.pop("BLOCK_N"), pre.pop("num_stages", None)
+        npre = triton.cdiv(N, pre["BLOCK_M"])
+        _gca_bwd_preprocess_kernel[(B * H * npre,)](
+            d4, o, dot, *d4s, *_div(o, vec), *dot.stride(), H, N, npre,
+            HEAD_DIM=D, D0=heads["D0"], D1=heads["D1"], VEC=vec, **pre,
+        )  # fmt: skip
+        common = (*_div(q, vec), *_div(k, vec), *_div(v, vec), *d4s, smb, sml, *lse.stride(), *dot.stride())
+        cfg = _tiles("dkdv", q.dtype, block_m, block_n)
+        nn_ = triton.cdiv(L, cfg["BLOCK_N"])
+        _gca_bwd_dkdv_kernel[(B * H * nn_,)](
+            q, k, v, d4, g, m, lse, dot, dk, dv, *common, *_div(dk, vec), *_div(dv, vec),
+            H, N, L, nn_, qk_scale, scale, HAS_MASK=mask is not None, **heads, **cfg,
+        )  # fmt: skip
+        cfg = _tiles("dq", q.dtype, block_m, block_n)
+        nm = triton.cdiv(N, cfg["BLOCK_M"])
+        _gca_bwd_dq_kernel[(B * H * nm,)](
+            q, k, v, d4, g, m, kv_end, lse, dot, dq, *common, *_div(dq, vec),
+            H, N, L, nm, qk_scale, scale, HAS_MASK=mask is not None, **heads, **cfg,
+        )  # fmt: skip
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
-    dlam = _dlam_from_dot(dot.sum(dim=(0, 2)), lam, H)
+    dlam = _dlam_from_dot(dot.sum(dim=(0, 2)), lam, H) if lam is not None else None
     return dq, dk, dv, dlam
 
 

@@ -6,6 +6,10 @@ fp32 (fp64 for fp64 inputs). Backward gives dx, dscale, dshift; the token reduct
 done in-kernel into ``[B, P, C]`` partials (P = programs per sample, a few hundred at most) and summed by a
 second tiny pass: no ``[B, N, C]`` temporary.
 
+Triton kernels: each program streams a chunk of tokens, ``ROWS`` rows per step (a ``[ROWS, C]`` tile, so
+ROWS x C x bytes are loaded per program at once; 128-bit accesses), about 4 programs per SM
+(:func:`mgkernels._common.row_split`).
+
 Providers (mgkernels.dispatch): ``triton`` (CUDA, or the CPU interpreter), ``csrc`` (the C++ extension,
 CPU), ``ref`` (PyTorch).
 """
@@ -17,7 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _ext
-from ._common import check_tokens, compute_dtype, num_warps_for, per_sample, row_chunks
+from ._common import check_tokens, compute_dtype, per_sample, row_split, row_tile
 from .dispatch import choose
 
 PROVIDERS = ("triton", "csrc", "ref")
@@ -75,24 +79,27 @@ def _modulate_fwd_kernel(
     stride_xb, stride_xn, stride_xc,
     stride_sb,
     eps,
-    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # program (b, chunk of rows_per_prog tokens); ROWS rows per step: ROWS * C loads in flight per program
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    shift = tl.load(SHIFT + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)
-    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)
-    for i in range(0, rows_per_prog):
-        n = chunk * rows_per_prog + i
+    shift = tl.load(SHIFT + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for i in range(0, rows_per_prog, ROWS):
+        n = chunk * rows_per_prog + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
         rmask = n < N
-        x = tl.load(X + b * stride_xb + n * stride_xn + cols * stride_xc, mask=cmask & rmask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / C
-        xc = tl.where(cmask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
-        y = xc * rstd * one_plus_scale + shift
+        m = rmask[:, None] & cmask[None, :]
+        x = tl.load(X + b * stride_xb + (n * stride_xn)[:, None] + (cols * stride_xc)[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / C
+        xc = tl.where(m, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        y = xc * rstd[:, None] * one_plus_scale + shift
         row = b * N + n
-        tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=cmask & rmask)
+        tl.store(Y + (row * C)[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
         tl.store(MEAN + row, mean, mask=rmask)
         tl.store(RSTD + row, rstd, mask=rmask)
 
@@ -104,32 +111,34 @@ def _modulate_bwd_kernel(
     stride_dyb, stride_dyn, stride_dyc,
     stride_xb, stride_xn, stride_xc,
     stride_sb,
-    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)
+    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in range(0, rows_per_prog):
-        n = chunk * rows_per_prog + i
+    for i in range(0, rows_per_prog, ROWS):
+        n = chunk * rows_per_prog + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
         rmask = n < N
-        m = cmask & rmask
+        m = rmask[:, None] & cmask[None, :]
         row = b * N + n
-        dy = tl.load(DY + b * stride_dyb + n * stride_dyn + cols * stride_dyc, mask=m, other=0.0).to(tl.float32)
-        x = tl.load(X + b * stride_xb + n * stride_xn + cols * stride_xc, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b * stride_dyb + (n * stride_dyn)[:, None] + (cols * stride_dyc)[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+        x = tl.load(X + b * stride_xb + (n * stride_xn)[:, None] + (cols * stride_xc)[None, :], mask=m,
+                    other=0.0).to(tl.float32)
         mean = tl.load(MEAN + row, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
-        xhat = tl.where(m, (x - mean) * rstd, 0.0)
+        xhat = tl.where(m, (x - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * one_plus_scale
-        c1 = tl.sum(g, axis=0) / C
-        c2 = tl.sum(g * xhat, axis=0) / C
-        dx = rstd * (g - c1 - xhat * c2)
-        tl.store(DX + row * C + cols, dx.to(DX.dtype.element_ty), mask=m)
-        acc_scale += dy * xhat
-        acc_shift += dy
+        c1 = tl.sum(g, axis=1) / C
+        c2 = tl.sum(g * xhat, axis=1) / C
+        dx = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
+        tl.store(DX + (row * C)[:, None] + cols[None, :], dx.to(DX.dtype.element_ty), mask=m)
+        acc_scale += tl.sum(dy * xhat, axis=0)
+        acc_shift += tl.sum(dy, axis=0)
     part = (b * n_chunks + chunk) * C
     tl.store(DSCALE_P + part + cols, acc_scale, mask=cmask)
     tl.store(DSHIFT_P + part + cols, acc_shift, mask=cmask)
@@ -146,16 +155,15 @@ def _fwd_triton(x, shift, scale, eps):
     y = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    chunks = row_chunks(x, B, N)
-    rows = -(-N // chunks)
-    block = triton.next_power_of_2(C)
+    tile = row_tile(C, streams=1)
+    chunks, rows = row_split(x, B, N, tile["ROWS"], per_sm=4)
     _modulate_fwd_kernel[(B, chunks)](
         x, shift, scale, y, mean, rstd,
         N, C, rows,
         x.stride(0), x.stride(1), x.stride(2),
         0 if shift.shape[0] == 1 else C,
         eps,
-        BLOCK_C=block, num_warps=num_warps_for(block),
+        **tile,
     )
     return y, mean, rstd
 
@@ -164,18 +172,17 @@ def _bwd_triton(dy, x, scale, mean, rstd):
     B, N, C = x.shape
     scale = scale.contiguous()
     dx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
-    chunks = row_chunks(x, B, N)
-    rows = -(-N // chunks)
+    tile = row_tile(C, streams=2)
+    chunks, rows = row_split(x, B, N, tile["ROWS"], per_sm=3)
     dscale_p = torch.empty((B, chunks, C), dtype=torch.float32, device=x.device)
     dshift_p = torch.empty_like(dscale_p)
-    block = triton.next_power_of_2(C)
     _modulate_bwd_kernel[(B, chunks)](
         dy, x, scale, mean, rstd, dx, dscale_p, dshift_p,
         N, C, rows, chunks,
         dy.stride(0), dy.stride(1), dy.stride(2),
         x.stride(0), x.stride(1), x.stride(2),
         0 if scale.shape[0] == 1 else C,
-        BLOCK_C=block, num_warps=num_warps_for(block),
+        **tile,
     )
     dims = (0, 1) if scale.shape[0] == 1 else (1,)
     dscale = dscale_p.sum(dims).view(scale.shape[0], C)
@@ -271,5 +278,8 @@ def _reduce_to(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``LayerNorm(x) * (1 + scale) + shift`` for x ``[B, N, C]`` and shift/scale ``[B, 1, C]``, ``[B, C]``
-    or ``[C]``; fused forward and backward. Output dtype = x.dtype."""
+    or ``[C]``; fused forward and backward. Output dtype = x.dtype (floating point only)."""
+    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
+        if not t.is_floating_point():
+            raise TypeError(f"modulate: {name} must be a floating-point tensor, got {t.dtype}")
     return ModulateFunction.apply(x, shift, scale, float(eps))

@@ -20,11 +20,14 @@ import triton
 import triton.language as tl
 
 from . import _ext
-from ._common import check_tokens, compute_dtype, num_warps_for, per_sample, row_chunks
+from ._common import check_tokens, compute_dtype, per_sample, row_split, row_tile
 from .dispatch import choose
 from .modulate import _reduce_to, ln_modulate_bwd_ref
 
 PROVIDERS = ("triton", "csrc", "ref")
+# resident programs per SM of the forward / backward kernels at C = 1152 (sm_90 compile report): the grids
+# are one full wave of that many programs per SM
+_FWD_PER_SM, _BWD_PER_SM = 4, 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,35 +87,38 @@ def _resmod_fwd_kernel(
     stride_gb, stride_sb,
     eps,
     HAS_GATE: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # program (b, chunk of rows_per_prog tokens); ROWS rows per step (see mgkernels._common.row_tile)
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    shift = tl.load(SHIFT + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)
-    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)
+    shift = tl.load(SHIFT + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE:
-        gate = tl.load(GATE + b * stride_gb + cols, mask=cmask, other=0.0).to(tl.float32)
-    for i in range(0, rows_per_prog):
-        n = chunk * rows_per_prog + i
+        gate = tl.load(GATE + b * stride_gb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    for i in range(0, rows_per_prog, ROWS):
+        n = chunk * rows_per_prog + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
         rmask = n < N
-        m = cmask & rmask
+        m = rmask[:, None] & cmask[None, :]
         row = b * N + n
-        x = tl.load(X + b * stride_xb + n * stride_xn + cols * stride_xc, mask=m, other=0.0).to(tl.float32)
-        h = tl.load(H + b * stride_hb + n * stride_hn + cols * stride_hc, mask=m, other=0.0).to(tl.float32)
+        x = tl.load(X + b * stride_xb + (n * stride_xn)[:, None] + (cols * stride_xc)[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+        h = tl.load(H + b * stride_hb + (n * stride_hn)[:, None] + (cols * stride_hc)[None, :], mask=m,
+                    other=0.0).to(tl.float32)
         if HAS_GATE:
             xn = x + gate * h
         else:
             xn = x + h
         xn_st = xn.to(XN.dtype.element_ty)
-        tl.store(XN + row * C + cols, xn_st, mask=m)
+        tl.store(XN + (row * C)[:, None] + cols[None, :], xn_st, mask=m)
         xn = xn_st.to(tl.float32)
-        mean = tl.sum(xn, axis=0) / C
-        xc = tl.where(cmask, xn - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
-        y = xc * rstd * one_plus_scale + shift
-        tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=m)
+        mean = tl.sum(xn, axis=1) / C
+        xc = tl.where(m, xn - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / C + eps)
+        y = xc * rstd[:, None] * one_plus_scale + shift
+        tl.store(Y + (row * C)[:, None] + cols[None, :], y.to(Y.dtype.element_ty), mask=m)
         tl.store(MEAN + row, mean, mask=rmask)
         tl.store(RSTD + row, rstd, mask=rmask)
 
@@ -128,41 +134,44 @@ def _resmod_bwd_kernel(
     stride_gb, stride_sb,
     HAS_GATE: tl.constexpr,
     HAS_DXN: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     cmask = cols < C
-    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)
+    one_plus_scale = 1.0 + tl.load(SCALE + b * stride_sb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_GATE:
-        gate = tl.load(GATE + b * stride_gb + cols, mask=cmask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + b * stride_gb + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_gate = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for i in range(0, rows_per_prog):
-        n = chunk * rows_per_prog + i
+    for i in range(0, rows_per_prog, ROWS):
+        n = chunk * rows_per_prog + i + tl.arange(0, ROWS).to(tl.int64)  # [ROWS]
         rmask = n < N
-        m = cmask & rmask
+        m = rmask[:, None] & cmask[None, :]
         row = b * N + n
-        dy = tl.load(DY + b * stride_dyb + n * stride_dyn + cols * stride_dyc, mask=m, other=0.0).to(tl.float32)
-        xn = tl.load(XN + row * C + cols, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + b * stride_dyb + (n * stride_dyn)[:, None] + (cols * stride_dyc)[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+        xn = tl.load(XN + (row * C)[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
         mean = tl.load(MEAN + row, mask=rmask, other=0.0)
         rstd = tl.load(RSTD + row, mask=rmask, other=0.0)
-        xhat = tl.where(m, (xn - mean) * rstd, 0.0)
+        xhat = tl.where(m, (xn - mean[:, None]) * rstd[:, None], 0.0)
         g = dy * one_plus_scale
-        c1 = tl.sum(g, axis=0) / C
-        c2 = tl.sum(g * xhat, axis=0) / C
-        dxt = rstd * (g - c1 - xhat * c2)
+        c1 = tl.sum(g, axis=1) / C
+        c2 = tl.sum(g * xhat, axis=1) / C
+        dxt = rstd[:, None] * (g - c1[:, None] - xhat * c2[:, None])
         if HAS_DXN:
-            dxt += tl.load(DXN + b * stride_db + n * stride_dn + cols * stride_dc, mask=m, other=0.0).to(tl.float32)
-        tl.store(DX + row * C + cols, dxt.to(DX.dtype.element_ty), mask=m)
+            dxt += tl.load(DXN + b * stride_db + (n * stride_dn)[:, None] + (cols * stride_dc)[None, :], mask=m,
+                           other=0.0).to(tl.float32)
+        tl.store(DX + (row * C)[:, None] + cols[None, :], dxt.to(DX.dtype.element_ty), mask=m)
         if HAS_GATE:
-            h = tl.load(H + b * stride_hb + n * stride_hn + cols * stride_hc, mask=m, other=0.0).to(tl.float32)
-            tl.store(DH + row * C + cols, (dxt * gate).to(DH.dtype.element_ty), mask=m)
-            acc_gate += dxt * h
-        acc_scale += dy * xhat
-        acc_shift += dy
+            h = tl.load(H + b * stride_hb + (n * stride_hn)[:, None] + (cols * stride_hc)[None, :], mask=m,
+                        other=0.0).to(tl.float32)
+            tl.store(DH + (row * C)[:, None] + cols[None, :], (dxt * gate).to(DH.dtype.element_ty), mask=m)
+            acc_gate += tl.sum(dxt * h, axis=0)
+        acc_scale += tl.sum(dy * xhat, axis=0)
+        acc_shift += tl.sum(dy, axis=0)
     part = (b * n_chunks + chunk) * C
     tl.store(DSCALE_P + part + cols, acc_scale, mask=cmask)
     tl.store(DSHIFT_P + part + cols, acc_shift, mask=cmask)
@@ -183,16 +192,16 @@ def _fwd_triton(x, h, gate, shift, scale, eps):
     y = torch.empty_like(x_new)
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    chunks = row_chunks(x, B, N)
-    block = triton.next_power_of_2(C)
+    tile = row_tile(C, streams=2)
+    chunks, rows = row_split(x, B, N, tile["ROWS"], per_sm=_FWD_PER_SM)
     _resmod_fwd_kernel[(B, chunks)](
         x, h, gate_t, shift, scale, x_new, y, mean, rstd,
-        N, C, -(-N // chunks),
+        N, C, rows,
         x.stride(0), x.stride(1), x.stride(2),
         h.stride(0), h.stride(1), h.stride(2),
         0 if gate_t.shape[0] == 1 else C, 0 if shift.shape[0] == 1 else C,
         eps,
-        HAS_GATE=gate is not None, BLOCK_C=block, num_warps=num_warps_for(block),
+        HAS_GATE=gate is not None, **tile,
     )
     return x_new, y, mean, rstd
 
@@ -205,18 +214,18 @@ def _bwd_triton(dy, dxnew, h, gate, x_new, scale, mean, rstd):
     dxn_t = dxnew if dxnew is not None else dy
     dx = torch.empty((B, N, C), dtype=x_new.dtype, device=x_new.device)
     dh = torch.empty((B, N, C), dtype=h.dtype, device=h.device) if gate is not None else dx.new_empty(0)
-    chunks = row_chunks(x_new, B, N)
+    tile = row_tile(C, streams=4)
+    chunks, rows = row_split(x_new, B, N, tile["ROWS"], per_sm=_BWD_PER_SM)
     parts = torch.empty((3, B, chunks, C), dtype=torch.float32, device=x_new.device)
-    block = triton.next_power_of_2(C)
     _resmod_bwd_kernel[(B, chunks)](
         dy, dxn_t, h, gate_t, x_new, scale, mean, rstd,
         dx, dh, parts[2], parts[0], parts[1],
-        N, C, -(-N // chunks), chunks,
+        N, C, rows, chunks,
         dy.stride(0), dy.stride(1), dy.stride(2),
         dxn_t.stride(0), dxn_t.stride(1), dxn_t.stride(2),
         h.stride(0), h.stride(1), h.stride(2),
         0 if gate_t.shape[0] == 1 else C, 0 if scale.shape[0] == 1 else C,
-        HAS_GATE=gate is not None, HAS_DXN=dxnew is not None, BLOCK_C=block, num_warps=num_warps_for(block),
+        HAS_GATE=gate is not None, HAS_DXN=dxnew is not None, **tile,
     )
     red = lambda t, p: t.sum((0, 1) if p.shape[0] == 1 else (1,)).view(p.shape[0], C)  # noqa: E731
     dscale, dshift = red(parts[0], scale), red(parts[1], scale)

@@ -43,6 +43,8 @@ try:  # Triton is optional: without it only the reference runs.
     import triton
     import triton.language as tl
 
+    from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+
     _HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     _HAS_TRITON = False
@@ -151,17 +153,39 @@ def _ref_bwd(do: torch.Tensor, qkv: torch.Tensor, T: int, S: int, mode: str) -> 
 
 # ----------------------------------------------------------------------------------------------------------
 # Triton kernels
+#
+# Tiles. A program owns BLOCK_M query rows of one head. Long sequences (spatial: S tokens) take the
+# flash-attention-2 loop over key blocks. Short sequences (temporal: T frames, or tiny frames) are *packed*:
+# PACK = BLOCK_M // LP sequences of (padded) length LP share one tile, and a block-diagonal mask keeps them
+# apart, so the matmuls are big enough for wgmma and there are PACK x fewer programs.
+# Head dim: split into D0 + D1 (see mgkernels._tiles). Grid: 1-D, the query/key block index fastest, so the
+# programs that share a sequence's K/V run side by side (L2 hits) and there is no 65,535 grid-axis limit.
+# Row strides arrive divided by VEC (elements per 16 bytes) and are multiplied back by the constexpr VEC.
 # ----------------------------------------------------------------------------------------------------------
 
 if _HAS_TRITON:
 
     @triton.jit
-    def _mm(a, b, DOT_FP32: tl.constexpr):
-        """a @ b with an fp32 result; fp32 operands use exact IEEE fp32 (never TF32)."""
-        if DOT_FP32:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    def _tile_rows(pid, NB, H, NGP, G, L, GS, IS, BLOCK: tl.constexpr, PACK: tl.constexpr, LP: tl.constexpr):
+        """Decode a program id into (b, h, block index, the tile's token indices [BLOCK] int64, row validity,
+        pack slot of every row)."""
+        blk = pid % NB
+        rest = pid // NB
+        h = rest % H
+        rest = rest // H
+        gp = rest % NGP
+        b = rest // NGP
+        r = tl.arange(0, BLOCK)
+        if PACK > 1:
+            slot = r // LP
+            i = r % LP
         else:
-            return tl.dot(a, b)
+            slot = r * 0
+            i = blk * BLOCK + r
+        g = gp * PACK + slot
+        ok = (i < L) & (g < G)
+        tok = g.to(tl.int64) * GS + i.to(tl.int64) * IS
+        return b, h, blk, tok, ok, slot
 
     @triton.jit
     def _st_attn_fwd_kernel(
@@ -169,60 +193,63 @@ if _HAS_TRITON:
         s_qb, s_qn, s_q3, s_qh, s_qd,
         s_ob, s_on, s_oc,
         s_lb, s_lh, s_ln,
-        H, G, L, D, GS, IS,
+        H, G, L, GS, IS, NGP, NM,
         sm_scale_log2,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+        PACK: tl.constexpr, LP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        # program (group-head, query block); group-head on axis 0 (no 65535 limit there)
         pid = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
-        h = pid % H
-        bg = pid // H
-        g = bg % G
-        b = bg // G
-        tok0 = g * GS  # first token of the group (int64)
+        b, h, blk, tok_m, ok_m, slot_m = _tile_rows(pid, NM, H, NGP, G, L, GS, IS, BLOCK_M, PACK, LP)
+        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+        k_base = q_base + s_q3 * VEC
+        v_base = k_base + s_q3 * VEC
+        rows_m = tok_m * (s_qn * VEC)
+        q0, q1 = load_head(q_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < L
-        mask_d = offs_d < D
-        tok_m = tok0 + offs_m.to(tl.int64) * IS  # token index of every query row
+        if PACK > 1:  # packed short sequences: the keys are the tile's own rows, block-diagonal mask
+            k0, k1 = load_head(k_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
+            v0, v1 = load_head(v_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
+            s = dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2
+            s = tl.where(ok_m[None, :] & (slot_m[:, None] == slot_m[None, :]), s, float("-inf"))
+            m_i = tl.max(s, 1)
+            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # an empty pack slot: p = 0 instead of NaN
+            p = tl.exp2(s - m_i[:, None])
+            l_i = tl.sum(p, 1)
+            acc0 = mm(p.to(v0.dtype), v0, tl.zeros([BLOCK_M, D0], tl.float32), DOT_FP32)
+            acc1 = tl.zeros([BLOCK_M, D1A], tl.float32)
+            if D1 > 0:
+                acc1 = mm(p.to(v1.dtype), v1, acc1, DOT_FP32)
+        else:  # flash-attention-2 over the key blocks of one sequence
+            g_tok = (pid // NM // H % NGP).to(tl.int64) * GS  # first token of the sequence
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+            acc1 = tl.zeros([BLOCK_M, D1A], tl.float32)
+            for start_n in range(0, L, BLOCK_N):
+                j = start_n + tl.arange(0, BLOCK_N)
+                ok_n = j < L
+                rows_n = (g_tok + j.to(tl.int64) * IS) * (s_qn * VEC)
+                k0, k1 = load_head(k_base, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+                v0, v1 = load_head(v_base, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+                s = dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2
+                s = tl.where(ok_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc0 = mm(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_FP32)
+                if D1 > 0:
+                    acc1 = mm(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_FP32)
+                m_i = m_new
 
-        q_base = QKV + b * s_qb + h * s_qh
-        d_off = (offs_d.to(tl.int64) * s_qd)[None, :]
-        q = tl.load(q_base + (tok_m * s_qn)[:, None] + d_off, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        if DOT_FP32:
-            q = q.to(tl.float32)
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, L, BLOCK_N):
-            offs_n = start_n + offs_n0
-            mask_n = offs_n < L
-            tok_n = tok0 + offs_n.to(tl.int64) * IS
-            kv_off = (tok_n * s_qn)[:, None] + d_off
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(q_base + s_q3 + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(q_base + 2 * s_q3 + kv_off, mask=kv_mask, other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = _mm(q, tl.trans(k), DOT_FP32) * sm_scale_log2  # [BM, BN], log2 domain
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every block has >= 1 valid key
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_FP32)
-            m_i = m_new
-
-        acc = acc / l_i[:, None]
-        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural log
-        o_ptrs = OUT + b * s_ob + (tok_m * s_on)[:, None] + ((h * D + offs_d) * s_oc)[None, :]
-        tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
-        tl.store(LSE + b * s_lb + h * s_lh + tok_m * s_ln, lse, mask=mask_m)
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        inv = 1.0 / l_safe
+        o_rows = tok_m * (s_on * VEC) + (h * HEAD_DIM) * s_oc
+        store_head(OUT + b * (s_ob * VEC), o_rows, ok_m, s_oc, acc0 * inv[:, None], acc1 * inv[:, None],
+                   HEAD_DIM, D0, D1)
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
+        tl.store(LSE + b * s_lb + h * s_lh + tok_m * s_ln, lse, mask=ok_m)
 
     @triton.jit
     def _st_attn_bwd_delta_kernel(
@@ -230,23 +257,21 @@ if _HAS_TRITON:
         s_ob, s_on, s_oc,
         s_db, s_dn, s_dc,
         s_lb, s_lh, s_ln,
-        N, H, D,
-        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+        N, H, NT,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr,
     ):  # fmt: skip
-        # delta[b, h, n] = sum_d dO[b, n, h*D + d] * O[b, n, h*D + d]; program (token block, b*H + h)
-        pid_t = tl.program_id(0)
-        pid_bh = tl.program_id(1).to(tl.int64)
-        h = pid_bh % H
-        b = pid_bh // H
-        offs_t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_t = offs_t < N
-        mask = mask_t[:, None] & (offs_d < D)[None, :]
-        col = (h * D + offs_d).to(tl.int64)
-        o = tl.load(OUT + b * s_ob + (offs_t * s_on)[:, None] + (col * s_oc)[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * s_db + (offs_t * s_dn)[:, None] + (col * s_dc)[None, :], mask=mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        tl.store(DELTA + b * s_lb + h * s_lh + offs_t * s_ln, delta, mask=mask_t)
+        # delta[b, h, n] = sum_d dO[b, n, h*D + d] * O[b, n, h*D + d]; 1-D grid, token block fastest
+        pid = tl.program_id(0).to(tl.int64)
+        pid_t = pid % NT
+        h = pid // NT % H
+        b = pid // NT // H
+        tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+        ok = tok < N
+        o0, o1 = load_head(OUT + b * (s_ob * VEC), tok * (s_on * VEC) + (h * HEAD_DIM) * s_oc, ok, s_oc,
+                           HEAD_DIM, D0, D1)
+        do0, do1 = load_head(DO + b * (s_db * VEC), tok * (s_dn * VEC) + (h * HEAD_DIM) * s_dc, ok, s_dc,
+                             HEAD_DIM, D0, D1)
+        tl.store(DELTA + b * s_lb + h * s_lh + tok * s_ln, row_dot(o0, o1, do0, do1, D1), mask=ok)
 
     @triton.jit
     def _st_attn_bwd_dkdv_kernel(
@@ -255,66 +280,49 @@ if _HAS_TRITON:
         s_db, s_dn, s_dc,
         s_lb, s_lh, s_ln,
         s_gb, s_gn, s_g3, s_gh, s_gd,
-        H, G, L, D, GS, IS,
+        H, G, L, GS, IS, NGP, NN,
         sm_scale, sm_scale_log2,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        # program (group-head, key block): dK, dV of BLOCK_N keys, looping over all query blocks
+        # program (sequence, head, key block): dK, dV of BLOCK_N keys, looping over the query blocks
         pid = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1)
-        h = pid % H
-        bg = pid // H
-        g = bg % G
-        b = bg // G
-        tok0 = g * GS
+        b, h, blk, tok_n, ok_n, _ = _tile_rows(pid, NN, H, NGP, G, L, GS, IS, BLOCK_N, 1, BLOCK_N)
+        g_tok = (pid // NN // H % NGP).to(tl.int64) * GS
+        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+        rows_n = tok_n * (s_qn * VEC)
+        k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+        v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+        do_base = DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc
+        l_base = LSE + b * s_lb + h * s_lh
+        d_base = DELTA + b * s_lb + h * s_lh
 
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m0 = tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_n = offs_n < L
-        mask_d = offs_d < D
-        tok_n = tok0 + offs_n.to(tl.int64) * IS
-
-        q_base = QKV + b * s_qb + h * s_qh
-        d_off = (offs_d.to(tl.int64) * s_qd)[None, :]
-        do_base = DO + b * s_db
-        do_col = ((h * D + offs_d).to(tl.int64) * s_dc)[None, :]
-        l_base = b * s_lb + h * s_lh
-
-        kv_off = (tok_n * s_qn)[:, None] + d_off
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = tl.load(q_base + s_q3 + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(q_base + 2 * s_q3 + kv_off, mask=kv_mask, other=0.0)
-        if DOT_FP32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        dk1 = tl.zeros([BLOCK_N, D1A], tl.float32)
+        dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+        dv1 = tl.zeros([BLOCK_N, D1A], tl.float32)
         for start_m in range(0, L, BLOCK_M):
-            offs_m = start_m + offs_m0
-            mask_m = offs_m < L
-            tok_m = tok0 + offs_m.to(tl.int64) * IS
-            qm = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(q_base + (tok_m * s_qn)[:, None] + d_off, mask=qm, other=0.0)
-            do = tl.load(do_base + (tok_m * s_dn)[:, None] + do_col, mask=qm, other=0.0)
-            if DOT_FP32:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse = tl.load(LSE + l_base + tok_m * s_ln, mask=mask_m, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + l_base + tok_m * s_ln, mask=mask_m, other=0.0)
-            sT = _mm(k, tl.trans(q), DOT_FP32)  # [BN, BM]
-            pT = tl.exp2(sT * sm_scale_log2 - lse[None, :])
-            pT = tl.where(mask_m[None, :], pT, 0.0)
-            dv += _mm(pT.to(do.dtype), do, DOT_FP32)
-            dpT = _mm(v, tl.trans(do), DOT_FP32)  # [BN, BM]
-            dsT = pT * (dpT - delta[None, :])
-            dk += _mm(dsT.to(q.dtype), q, DOT_FP32)
-        dk = dk * sm_scale
+            i = start_m + tl.arange(0, BLOCK_M)
+            ok_m = i < L
+            tok_m = g_tok + i.to(tl.int64) * IS
+            q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
+            do0, do1 = load_head(do_base, tok_m * (s_dn * VEC), ok_m, s_dc, HEAD_DIM, D0, D1)
+            lse = tl.load(l_base + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
+            delta = tl.load(d_base + tok_m * s_ln, mask=ok_m, other=0.0)
+            pT = tl.exp2(dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * sm_scale_log2 - lse[None, :])  # [BN, BM]
+            pT = tl.where(ok_m[None, :], pT, 0.0)
+            dv0 = mm(pT.to(do0.dtype), do0, dv0, DOT_FP32)
+            if D1 > 0:
+                dv1 = mm(pT.to(do1.dtype), do1, dv1, DOT_FP32)
+            dsT = pT * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) - delta[None, :])
+            dk0 = mm(dsT.to(q0.dtype), q0, dk0, DOT_FP32)
+            if D1 > 0:
+                dk1 = mm(dsT.to(q1.dtype), q1, dk1, DOT_FP32)
 
-        g_off = DQKV + b * s_gb + h * s_gh + (tok_n * s_gn)[:, None] + (offs_d.to(tl.int64) * s_gd)[None, :]
-        tl.store(g_off + s_g3, dk.to(DQKV.dtype.element_ty), mask=kv_mask)
-        tl.store(g_off + 2 * s_g3, dv.to(DQKV.dtype.element_ty), mask=kv_mask)
+        g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
+        g_rows = tok_n * (s_gn * VEC)
+        store_head(g_base + s_g3 * VEC, g_rows, ok_n, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
+        store_head(g_base + 2 * s_g3 * VEC, g_rows, ok_n, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
 
     @triton.jit
     def _st_attn_bwd_dq_kernel(
@@ -323,121 +331,90 @@ if _HAS_TRITON:
         s_db, s_dn, s_dc,
         s_lb, s_lh, s_ln,
         s_gb, s_gn, s_g3, s_gh, s_gd,
-        H, G, L, D, GS, IS,
+        H, G, L, GS, IS, NGP, NM,
         sm_scale, sm_scale_log2,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        # program (group-head, query block): dQ of BLOCK_M queries, looping over all key blocks
+        # program (sequence, head, query block): dQ of BLOCK_M queries, looping over the key blocks
         pid = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
-        h = pid % H
-        bg = pid // H
-        g = bg % G
-        b = bg // G
-        tok0 = g * GS
+        b, h, blk, tok_m, ok_m, _ = _tile_rows(pid, NM, H, NGP, G, L, GS, IS, BLOCK_M, 1, BLOCK_M)
+        g_tok = (pid // NM // H % NGP).to(tl.int64) * GS
+        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+        q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
+        do0, do1 = load_head(DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc, tok_m * (s_dn * VEC), ok_m, s_dc,
+                             HEAD_DIM, D0, D1)
+        lse = tl.load(LSE + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0)
 
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < L
-        mask_d = offs_d < D
-        tok_m = tok0 + offs_m.to(tl.int64) * IS
-
-        q_base = QKV + b * s_qb + h * s_qh
-        d_off = (offs_d.to(tl.int64) * s_qd)[None, :]
-        l_base = b * s_lb + h * s_lh
-        qm = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(q_base + (tok_m * s_qn)[:, None] + d_off, mask=qm, other=0.0)
-        do = tl.load(
-            DO + b * s_db + (tok_m * s_dn)[:, None] + ((h * D + offs_d).to(tl.int64) * s_dc)[None, :],
-            mask=qm, other=0.0,
-        )  # fmt: skip
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse = tl.load(LSE + l_base + tok_m * s_ln, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + l_base + tok_m * s_ln, mask=mask_m, other=0.0)
-
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        dq1 = tl.zeros([BLOCK_M, D1A], tl.float32)
         for start_n in range(0, L, BLOCK_N):
-            offs_n = start_n + offs_n0
-            mask_n = offs_n < L
-            tok_n = tok0 + offs_n.to(tl.int64) * IS
-            kv_off = (tok_n * s_qn)[:, None] + d_off
-            kv_mask = mask_n[:, None] & mask_d[None, :]
-            k = tl.load(q_base + s_q3 + kv_off, mask=kv_mask, other=0.0)
-            v = tl.load(q_base + 2 * s_q3 + kv_off, mask=kv_mask, other=0.0)
-            if DOT_FP32:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = _mm(q, tl.trans(k), DOT_FP32)  # [BM, BN]
-            p = tl.exp2(s * sm_scale_log2 - lse[:, None])
-            p = tl.where(mask_n[None, :], p, 0.0)
-            dp = _mm(do, tl.trans(v), DOT_FP32)
-            ds = p * (dp - delta[:, None])
-            dq += _mm(ds.to(k.dtype), k, DOT_FP32)
-        dq = dq * sm_scale
+            j = start_n + tl.arange(0, BLOCK_N)
+            ok_n = j < L
+            rows_n = (g_tok + j.to(tl.int64) * IS) * (s_qn * VEC)
+            k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+            v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+            p = tl.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2 - lse[:, None])
+            p = tl.where(ok_n[None, :], p, 0.0)
+            ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) - delta[:, None])
+            dq0 = mm(ds.to(k0.dtype), k0, dq0, DOT_FP32)
+            if D1 > 0:
+                dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
 
-        g_ptrs = DQKV + b * s_gb + h * s_gh + (tok_m * s_gn)[:, None] + (offs_d.to(tl.int64) * s_gd)[None, :]
-        tl.store(g_ptrs, dq.to(DQKV.dtype.element_ty), mask=qm)
+        store_head(DQKV + b * (s_gb * VEC) + h * (s_gh * VEC), tok_m * (s_gn * VEC), ok_m, s_gd,
+                   dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
 
     @triton.jit
-    def _st_attn_bwd_single_kernel(
+    def _st_attn_bwd_packed_kernel(
         QKV, OUT, DO, LSE, DQKV,
         s_qb, s_qn, s_q3, s_qh, s_qd,
         s_ob, s_on, s_oc,
         s_db, s_dn, s_dc,
         s_lb, s_lh, s_ln,
         s_gb, s_gn, s_g3, s_gh, s_gd,
-        H, G, L, D, GS, IS,
+        H, G, L, GS, IS, NGP,
         sm_scale, sm_scale_log2,
-        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+        PACK: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        # whole sequence in one tile (L <= BLOCK): delta, dQ, dK, dV of one group-head in one program
+        # whole sequences in one tile (PACK of them, block-diagonal): delta, dQ, dK, dV in one program
         pid = tl.program_id(0).to(tl.int64)
-        h = pid % H
-        bg = pid // H
-        g = bg % G
-        b = bg // G
-        tok0 = g * GS
+        b, h, blk, tok, ok, slot = _tile_rows(pid, 1, H, NGP, G, L, GS, IS, BLOCK, PACK, LP)
+        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+        rows = tok * (s_qn * VEC)
+        q0, q1 = load_head(q_base, rows, ok, s_qd, HEAD_DIM, D0, D1)
+        k0, k1 = load_head(q_base + s_q3 * VEC, rows, ok, s_qd, HEAD_DIM, D0, D1)
+        v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows, ok, s_qd, HEAD_DIM, D0, D1)
+        o0, o1 = load_head(OUT + b * (s_ob * VEC) + (h * HEAD_DIM) * s_oc, tok * (s_on * VEC), ok, s_oc,
+                           HEAD_DIM, D0, D1)
+        do0, do1 = load_head(DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc, tok * (s_dn * VEC), ok, s_dc,
+                             HEAD_DIM, D0, D1)
+        delta = row_dot(o0, o1, do0, do1, D1)
+        lse = tl.load(LSE + b * s_lb + h * s_lh + tok * s_ln, mask=ok, other=0.0) * 1.4426950408889634
 
-        offs = tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_l = offs < L
-        mask_d = offs_d < D
-        mask = mask_l[:, None] & mask_d[None, :]
-        tok = tok0 + offs.to(tl.int64) * IS
-        d64 = offs_d.to(tl.int64)
-        col = h * D + d64
-
-        q_ptrs = QKV + b * s_qb + h * s_qh + (tok * s_qn)[:, None] + (d64 * s_qd)[None, :]
-        q = tl.load(q_ptrs, mask=mask, other=0.0)
-        k = tl.load(q_ptrs + s_q3, mask=mask, other=0.0)
-        v = tl.load(q_ptrs + 2 * s_q3, mask=mask, other=0.0)
-        o = tl.load(OUT + b * s_ob + (tok * s_on)[:, None] + (col * s_oc)[None, :], mask=mask, other=0.0)
-        do = tl.load(DO + b * s_db + (tok * s_dn)[:, None] + (col * s_dc)[None, :], mask=mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-        lse = tl.load(LSE + b * s_lb + h * s_lh + tok * s_ln, mask=mask_l, other=0.0) * 1.4426950408889634
-        if DOT_FP32:
-            q = q.to(tl.float32)
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-            do = do.to(tl.float32)
-
-        s = _mm(q, tl.trans(k), DOT_FP32)  # [BLOCK(q), BLOCK(k)]
-        p = tl.exp2(s * sm_scale_log2 - lse[:, None])
-        p = tl.where(mask_l[:, None] & mask_l[None, :], p, 0.0)
-        dv = _mm(tl.trans(p).to(do.dtype), do, DOT_FP32)
-        dp = _mm(do, tl.trans(v), DOT_FP32)
-        ds = p * (dp - delta[:, None])
-        dq = _mm(ds.to(k.dtype), k, DOT_FP32) * sm_scale
-        dk = _mm(tl.trans(ds).to(q.dtype), q, DOT_FP32) * sm_scale
-
-        g_ptrs = DQKV + b * s_gb + h * s_gh + (tok * s_gn)[:, None] + (d64 * s_gd)[None, :]
-        out_ty = DQKV.dtype.element_ty
-        tl.store(g_ptrs, dq.to(out_ty), mask=mask)
-        tl.store(g_ptrs + s_g3, dk.to(out_ty), mask=mask)
-        tl.store(g_ptrs + 2 * s_g3, dv.to(out_ty), mask=mask)
+        p = tl.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2 - lse[:, None])  # [BLOCK, BLOCK]
+        p = tl.where(ok[:, None] & ok[None, :] & (slot[:, None] == slot[None, :]), p, 0.0)
+        ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) - delta[:, None])
+        pT = tl.trans(p).to(do0.dtype)
+        dsT = tl.trans(ds)
+        g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
+        g_rows = tok * (s_gn * VEC)
+        dv0 = mm(pT, do0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
+        dv1 = tl.zeros([BLOCK, D1A], tl.float32)
+        if D1 > 0:
+            dv1 = mm(pT, do1, dv1, DOT_FP32)
+        store_head(g_base + 2 * s_g3 * VEC, g_rows, ok, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
+        dq0 = mm(ds.to(k0.dtype), k0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
+        dq1 = tl.zeros([BLOCK, D1A], tl.float32)
+        if D1 > 0:
+            dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
+        store_head(g_base, g_rows, ok, s_gd, dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
+        dk0 = mm(dsT.to(q0.dtype), q0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
+        dk1 = tl.zeros([BLOCK, D1A], tl.float32)
+        if D1 > 0:
+            dk1 = mm(dsT.to(q1.dtype), q1, dk1, DOT_FP32)
+        store_head(g_base + s_g3 * VEC, g_rows, ok, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -461,48 +438,40 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or interpreter_enabled()
 
 
-def _fwd_config(L: int, D: int, dtype: torch.dtype) -> dict:
-    """Forward tiles. GPU choices were checked spill-free with ptxas for sm_90 at BLOCK_D = 64 / 128 (D = 72)."""
-    BLOCK_D = max(16, _pow2(D))
-    fit = max(16, _pow2(L))  # tl.dot needs every tile dimension >= 16; a short sequence is one tile
-    if interpreter_enabled():  # small, unequal tiles: CPU tests exercise the multi-block loops
-        return dict(BLOCK_M=min(fit, 32), BLOCK_N=min(fit, 16), BLOCK_D=BLOCK_D, num_warps=4, num_stages=1)
-    if dtype == torch.float32:  # exact fp32 dots run on FMA units: smaller tiles
-        bm, bn, warps, stages = (64, 32, 8, 2) if BLOCK_D <= 128 else (32, 16, 8, 2)
-    elif BLOCK_D <= 64:
-        bm, bn, warps, stages = 128, 64, 4, 3
-    elif BLOCK_D <= 128:
-        bm, bn, warps, stages = 128, 64, 8, 3
-    else:
-        bm, bn, warps, stages = 64, 32, 8, 2
-    bm, bn = min(fit, bm), min(fit, bn)
-    if dtype != torch.float32 and bm < 64:  # short sequences: small tiles, 4 warps
-        warps = 4
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=BLOCK_D, num_warps=warps, num_stages=stages)
+# Tile configurations: the same on the GPU and under the CPU interpreter (the tests exercise what the GPU
+# runs). Each was checked in the sm_90 compile report (bench/compile_report.py): no spills, 128-bit loads,
+# HGMMA for fp16/bf16. fp32 runs exact IEEE products on the FMA units: smaller tiles.
+_PACK = {"tc": (64, 4), "fp32": (32, 8)}  # (rows, warps) of a packed tile; sequences up to `rows` are packed
+_FLASH = {  # (BLOCK_M, BLOCK_N, warps, stages) forward / dQ; (BLOCK_M, BLOCK_N, warps, stages) dK/dV
+    "tc": dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(16, 64, 4, 2)),
+    "fp32": dict(fwd=(32, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2)),
+}
 
 
-def _bwd_config(L: int, D: int, dtype: torch.dtype) -> dict:
-    """Backward tiles: the fused single-tile kernel when the sequence fits ``SINGLE`` rows, else the
-    dK/dV kernel (``KV_M`` queries per inner step x ``KV_N`` keys per program) and the dQ kernel
-    (``Q_M`` queries per program x ``Q_N`` keys per inner step). GPU choices checked spill-free with ptxas."""
-    BLOCK_D = max(16, _pow2(D))
-    fit = max(16, _pow2(L))
-    if interpreter_enabled():
-        single, sw, kv, q = 32, 4, (16, 32, 4), (32, 16, 4)
-    elif dtype == torch.float32:
-        single, sw = 16, (4 if BLOCK_D <= 128 else 8)
-        kv, q = ((16, 32, 8), (32, 32, 4)) if BLOCK_D <= 128 else ((16, 16, 8), (16, 16, 8))
-    elif BLOCK_D <= 128:
-        single, sw = 32, (8 if BLOCK_D == 128 and fit == 32 else 4)
-        kv, q = (32, 64, 8 if BLOCK_D == 128 else 4), (64, 32, 4)
-    else:
-        single, sw, kv, q = 16, 8, (16, 32, 8), (32, 16, 8)
-    return dict(
-        BLOCK_D=BLOCK_D, SINGLE=fit <= single, BLOCK=fit, single_warps=sw,
-        KV_M=min(fit, kv[0]), KV_N=min(fit, kv[1]), kv_warps=kv[2],
-        Q_M=min(fit, q[0]), Q_N=min(fit, q[1]), q_warps=q[2],
-        BLOCK_T=max(16, 2048 // BLOCK_D), num_stages=1 if interpreter_enabled() else 2,
-    )  # fmt: skip
+def _config(L: int, D: int, dtype: torch.dtype) -> dict:
+    kind = "fp32" if dtype == torch.float32 else "tc"
+    D0, D1 = head_split(D)
+    lp = _pow2(L)
+    rows, warps = _PACK[kind]
+    cfg = dict(D0=D0, D1=D1, D1A=D1 or 16, HEAD_DIM=D, packed=lp <= rows)
+    if cfg["packed"]:
+        cfg.update(PACK=rows // lp, LP=lp, BLOCK=rows, warps=warps)
+    cfg.update({k: v for k, v in _FLASH[kind].items()})
+    return cfg
+
+
+def _vec(tensors: list[torch.Tensor], skip_last: bool = True) -> int:
+    rows, ds = [], []
+    for t in tensors:
+        st = t.stride()
+        ds.append(st[-1])
+        rows.extend(st[:-1])
+    return vec_for(tensors, rows, ds)
+
+
+def _div(strides: tuple[int, ...], vec: int, keep_last: bool = True) -> tuple[int, ...]:
+    """Row strides divided by vec (exact: vec_for checked), the last (head-dim / channel) stride kept."""
+    return tuple(s // vec for s in strides[:-1]) + (strides[-1],)
 
 
 def _st_attention_fwd_triton(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,15 +481,22 @@ def _st_attention_fwd_triton(qkv: torch.Tensor, T: int, S: int, mode: str) -> tu
     lse = torch.empty(B, H, N, device=qkv.device, dtype=torch.float32)
     if o.numel() == 0:
         return o, lse
-    cfg = _fwd_config(L, D, qkv.dtype)
-    grid = (B * G * H, triton.cdiv(L, cfg["BLOCK_M"]))
-    _st_attn_fwd_kernel[grid](
+    cfg = _config(L, D, qkv.dtype)
+    vec = _vec([qkv, o]) if D % max(1, 16 // qkv.element_size()) == 0 else 1
+    heads = dict(HEAD_DIM=D, D0=cfg["D0"], D1=cfg["D1"], D1A=cfg["D1A"], VEC=vec, DOT_FP32=_dot_fp32(qkv.dtype))
+    if cfg["packed"]:
+        pack, lp, bm, bn, warps, stages = cfg["PACK"], cfg["LP"], cfg["BLOCK"], cfg["BLOCK"], cfg["warps"], 1
+    else:
+        pack, lp = 1, 1
+        bm, bn, warps, stages = cfg["fwd"]
+    ngp = triton.cdiv(G, pack)
+    nm = triton.cdiv(L, bm) if pack == 1 else 1
+    _st_attn_fwd_kernel[(B * ngp * H * nm,)](
         qkv, o, lse,
-        *qkv.stride(), *o.stride(), *lse.stride(),
-        H, G, L, D, GS, IS,
+        *_div(qkv.stride(), vec), *_div(o.stride(), vec), *lse.stride(),
+        H, G, L, GS, IS, ngp, nm,
         D**-0.5 * _LOG2E,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"], DOT_FP32=_dot_fp32(qkv.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PACK=pack, LP=lp, BLOCK_M=bm, BLOCK_N=bn, **heads, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o, lse
 
@@ -532,35 +508,40 @@ def _st_attention_bwd_triton(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tenso
     dqkv = torch.empty(B, N, 3, H, D, device=qkv.device, dtype=qkv.dtype)
     if dqkv.numel() == 0:
         return dqkv
-    cfg = _bwd_config(L, D, qkv.dtype)
-    dot_fp32 = _dot_fp32(qkv.dtype)
+    cfg = _config(L, D, qkv.dtype)
+    vec = _vec([qkv, o, do, dqkv]) if D % max(1, 16 // qkv.element_size()) == 0 else 1
+    heads = dict(HEAD_DIM=D, D0=cfg["D0"], D1=cfg["D1"], D1A=cfg["D1A"], VEC=vec, DOT_FP32=_dot_fp32(qkv.dtype))
     scale = D**-0.5
-    common = (H, G, L, D, GS, IS, scale, scale * _LOG2E)
-    if cfg["SINGLE"]:
-        _st_attn_bwd_single_kernel[(B * G * H,)](
+    qs, os_, ds_, gs = _div(qkv.stride(), vec), _div(o.stride(), vec), _div(do.stride(), vec), _div(dqkv.stride(), vec)
+    if cfg["packed"]:
+        ngp = triton.cdiv(G, cfg["PACK"])
+        _st_attn_bwd_packed_kernel[(B * ngp * H,)](
             qkv, o, do, lse, dqkv,
-            *qkv.stride(), *o.stride(), *do.stride(), *lse.stride(), *dqkv.stride(),
-            *common,
-            BLOCK=cfg["BLOCK"], BLOCK_D=cfg["BLOCK_D"], DOT_FP32=dot_fp32,
-            num_warps=cfg["single_warps"], num_stages=1,
+            *qs, *os_, *ds_, *lse.stride(), *gs,
+            H, G, L, GS, IS, ngp, scale, scale * _LOG2E,
+            PACK=cfg["PACK"], LP=cfg["LP"], BLOCK=cfg["BLOCK"], **heads, num_warps=cfg["warps"], num_stages=1,
         )  # fmt: skip
         return dqkv
 
     delta = torch.empty(B, H, N, device=qkv.device, dtype=torch.float32)
-    _st_attn_bwd_delta_kernel[(triton.cdiv(N, cfg["BLOCK_T"]), B * H)](
+    block_t = 64
+    nt = triton.cdiv(N, block_t)
+    _st_attn_bwd_delta_kernel[(B * H * nt,)](
         o, do, delta,
-        *o.stride(), *do.stride(), *delta.stride(),
-        N, H, D,
-        BLOCK_T=cfg["BLOCK_T"], BLOCK_D=cfg["BLOCK_D"], num_warps=4,
+        *os_, *ds_, *delta.stride(),
+        N, H, nt,
+        HEAD_DIM=D, D0=cfg["D0"], D1=cfg["D1"], VEC=vec, BLOCK_T=block_t, num_warps=4,
     )  # fmt: skip
-    args = (qkv, do, lse, delta, dqkv, *qkv.stride(), *do.stride(), *lse.stride(), *dqkv.stride(), *common)
-    _st_attn_bwd_dkdv_kernel[(B * G * H, triton.cdiv(L, cfg["KV_N"]))](
-        *args, BLOCK_M=cfg["KV_M"], BLOCK_N=cfg["KV_N"], BLOCK_D=cfg["BLOCK_D"], DOT_FP32=dot_fp32,
-        num_warps=cfg["kv_warps"], num_stages=cfg["num_stages"],
+    args = (qkv, do, lse, delta, dqkv, *qs, *ds_, *lse.stride(), *gs, H, G, L, GS, IS, G)
+    bm, bn, warps, stages = cfg["dkdv"]
+    nn_ = triton.cdiv(L, bn)
+    _st_attn_bwd_dkdv_kernel[(B * G * H * nn_,)](
+        *args, nn_, scale, scale * _LOG2E, BLOCK_M=bm, BLOCK_N=bn, **heads, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    _st_attn_bwd_dq_kernel[(B * G * H, triton.cdiv(L, cfg["Q_M"]))](
-        *args, BLOCK_M=cfg["Q_M"], BLOCK_N=cfg["Q_N"], BLOCK_D=cfg["BLOCK_D"], DOT_FP32=dot_fp32,
-        num_warps=cfg["q_warps"], num_stages=cfg["num_stages"],
+    bm, bn, warps, stages = cfg["dq"]
+    nm = triton.cdiv(L, bm)
+    _st_attn_bwd_dq_kernel[(B * G * H * nm,)](
+        *args, nm, scale, scale * _LOG2E, BLOCK_M=bm, BLOCK_N=bn, **heads, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return dqkv
 

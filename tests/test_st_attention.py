@@ -13,17 +13,22 @@ from mgkernels.dispatch import use
 from mgkernels.st_attention import st_attention, st_attention_ref
 from tests.kernel_utils import KERNEL_DEVICE, KERNEL_DTYPES, assert_policy, requires_cuda
 
-# (mode, B, T, S, H, D). Under the interpreter blocks are <= 32, so L = 40 / 80 take the multi-block
-# flash loops (several key and query blocks, a partial last block); L <= 32 takes the single-tile backward.
+# (mode, B, T, S, H, D). The interpreter runs the GPU tile configurations (mgkernels.st_attention._config):
+# fp16 packs sequences of <= 64 into 64-row tiles and runs flash tiles of 128 queries x 64 keys beyond;
+# fp32 packs <= 32 into 32-row tiles and runs 32 x 32 flash tiles beyond. So L = 40 / 80 / 160 take the flash
+# loops (several key and query blocks, partial last blocks) and short sequences the packed tiles (several
+# sequences per tile, a partial last pack). Head dims: 72 = 64 + 16 split, 40 = 32 + 16, 24 = 16 + 16, 16.
 CASES = [
-    ("spatial", 2, 2, 6, 2, 72),  # odd S, D = 72 (STDiT-XL/2)
+    ("spatial", 2, 2, 6, 2, 72),  # odd S, D = 72 (STDiT-XL/2): packed
     ("spatial", 1, 2, 20, 2, 40),
-    ("spatial", 2, 1, 80, 1, 24),  # T = 1, 3 blocks of 32
-    ("spatial", 1, 2, 40, 2, 72),  # 2 blocks, D = 72
-    ("temporal", 2, 5, 6, 2, 72),  # odd T
+    ("spatial", 2, 1, 80, 1, 24),  # T = 1; fp16: one 128-row query block, two key blocks
+    ("spatial", 1, 2, 40, 2, 72),  # fp32: 2 flash blocks; fp16: packed (one sequence per tile)
+    ("spatial", 1, 1, 160, 1, 72),  # fp16: 2 query blocks x 3 key blocks, partial last ones
+    ("temporal", 2, 5, 6, 2, 72),  # odd T: 8 / 4 sequences per packed tile
     ("temporal", 1, 16, 3, 2, 24),  # T = 16
-    ("temporal", 2, 1, 4, 1, 40),  # T = 1
-    ("temporal", 1, 40, 2, 1, 24),  # long temporal sequence: multi-block path
+    ("temporal", 2, 16, 9, 2, 72),  # T = 16, 9 sequences: 3 packed tiles, the last one partial (fp16)
+    ("temporal", 2, 1, 4, 1, 16),  # T = 1, D = 16 (no head-dim tail)
+    ("temporal", 1, 40, 2, 1, 24),  # long temporal sequence: flash path (fp32), one packed tile (fp16)
 ]
 
 
@@ -116,9 +121,11 @@ def test_expanded_grad_output(mode):
     qkv = make_qkv(B, T, S, H, D, torch.float32)
     with use("triton"):
         st_attention(qkv, T, S, mode).sum().backward()
+    xt = qkv.detach().clone().requires_grad_(True)  # PyTorch in the same dtype: the yardstick
+    st_attention_ref(xt, T, S, mode).sum().backward()
     x64 = qkv.detach().double().requires_grad_(True)
     attention64(x64, T, S, mode).sum().backward()
-    assert_policy(qkv.grad, qkv.grad, x64.grad, atol=2e-5, name="dqkv")
+    assert_policy(qkv.grad, xt.grad, x64.grad, atol=2e-5, name="dqkv")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
