@@ -84,9 +84,13 @@ def _export_training_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from mgkernels.dispatch import requested
+
     from .train.trainer import main as train_main
 
-    return train_main(_load_cfg(args, overrides))
+    cfg = _load_cfg(args, overrides)
+    requested()  # a bad MG_KERNELS is an error before the model is built
+    return train_main(cfg)
 
 
 def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -165,31 +169,52 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts-file FILE")
     if not prompts:
         raise ValueError(f"{args.prompts_file} holds no prompts")
-    pipe = ModelGrowPipeline.from_pretrained(args.model, device=args.device, accelerate_model=not args.no_accel)
+    from mgkernels.dispatch import requested, use
+
+    requested()  # a bad MG_KERNELS is an error here, before anything is loaded or sampled
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_writable(out_dir, "--out")
+    pipe = ModelGrowPipeline.from_pretrained(args.model, device=args.device, accelerate_model=not args.no_accel)
+    empty = pipe.empty_after_cleaning(prompts) if not args.recaption else []
+    if empty and not args.allow_empty_prompt:
+        raise ValueError(f"{len(empty)} prompt(s) are empty after the T5 caption cleaning (non-Latin text is removed): "
+                         f"{empty[:5]}; rephrase them, or pass --allow-empty-prompt to sample them unconditionally")
     records = []
     from contextlib import nullcontext
 
-    from mgkernels.dispatch import use
-
-    for i, prompt in enumerate(prompts):
-        seed = sc.seed + i
+    bs = sc.batch_size
+    for start in range(0, len(prompts), bs):
+        batch = prompts[start : start + bs]
+        seed = sc.seed + start  # one seed per forward batch (sample.batch_size = 1: sample.seed + prompt index)
         with use("ref") if args.no_accel else nullcontext():  # --no-accel: the PyTorch reference path
-            res = pipe(prompt, negative_prompt=args.negative_prompt, num_frames=sc.num_frames, height=sc.height,
+            res = pipe(batch, negative_prompt=args.negative_prompt, num_frames=sc.num_frames, height=sc.height,
                        width=sc.width, num_inference_steps=sc.num_sampling_steps, sampler=sc.sampler,
                        guidance_scale=sc.cfg_scale_t5, llm_guidance_scale=sc.cfg_scale_llm, prompt_mode=sc.prompt_mode,
                        recaption=args.recaption, generator=torch.Generator().manual_seed(seed))
-        stem = f"{i:03d}-" + (re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt")
-        frames = res.videos[0]
-        video = write_video(out_dir / f"{stem}.mp4", frames, fps=sc.fps)
-        strip = write_png(out_dir / f"{stem}.png", keyframe_strip(frames, n=4))
-        records.append({"prompt": prompt, "model_prompt": res.prompts[0], "seed": res.seed, "video": video.name,
-                        "keyframes": strip.name, **res.settings})
-        print(f"[{i + 1}/{len(prompts)}] seed {res.seed}: {video}")
+        for j, prompt in enumerate(batch):
+            i = start + j
+            stem = f"{i:03d}-" + (re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt")
+            frames = res.videos[j]
+            video = write_video(out_dir / f"{stem}.mp4", frames, fps=sc.fps)
+            strip = write_png(out_dir / f"{stem}.png", keyframe_strip(frames, n=4))
+            records.append({"prompt": prompt, "model_prompt": res.prompts[j], "seed": res.seed, "batch_size": len(batch),
+                            "video": video.name, "keyframes": strip.name, **res.settings})
+            print(f"[{i + 1}/{len(prompts)}] seed {res.seed}: {video}")
     with open(out_dir / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return 0
+
+
+def _check_writable(out_dir: Path, what: str) -> None:
+    """Create ``out_dir`` and prove a file can be written there, before any expensive work."""
+    import tempfile
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {out_dir} is not writable ({e.strerror or e}); choose another directory") from None
 
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -249,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recaption", action="store_true", help="rewrite prompts with the pipeline's recaptioner first")
     p.add_argument("--no-accel", action="store_true", help="reference path: no fused kernels' compile / dtype change")
     p.add_argument("--device", default=None)
+    p.add_argument("--allow-empty-prompt", action="store_true",
+                   help="sample prompts the T5 cleaning reduces to nothing (e.g. non-Latin text) unconditionally")
     p.set_defaults(func=cmd_sample)
 
     sub.add_parser("cache", add_help=False,
@@ -270,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
             from .text.recaption import main as command
         else:
             from .data.cache import main as command
+        from .data.loader import TooManyDecodeFailures
+
         try:
             return command(argv[1:])
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, TooManyDecodeFailures) as e:
             print(f"modelgrow {argv[0]}: error: {e}", file=sys.stderr)
             return 2
     parser = build_parser()
@@ -292,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # checkpoint mismatches and other bad input
         print(f"modelgrow {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # NaN/inf loss, training state or samples: nothing was written
+        print(f"modelgrow {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-import tomli_w
 
 
 class ConfigError(ValueError):
@@ -36,6 +36,18 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
+
+
+def _check_finite(obj: Any, section: str) -> None:
+    """Every float (and float in a tuple) of a section is finite: NaN/inf never reach a run."""
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        for x in (v if isinstance(v, tuple) else (v,)):
+            if isinstance(x, float):
+                _check(math.isfinite(x), f"{section}.{f.name}", f"must be a finite number, got {x!r}")
+
+
+MAX_GROW_RATIO = 16  # growth beyond k = 16 (17x the depth) is a typo, not an experiment
 
 
 @dataclass
@@ -59,6 +71,7 @@ class ModelConfig:
     from_pretrained: str | None = _f(None, "checkpoint to load: Open-Sora/PixArt .pth, .safetensors or a pretrained dir")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "model")
         from .models.zoo import PRESETS
 
         _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
@@ -66,6 +79,13 @@ class ModelConfig:
         _check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "model.dtype", f"unknown dtype {self.dtype!r}")
         _check(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
         _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
+        for name in ("mlp_ratio", "space_scale", "time_scale"):
+            _check(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+        for name in ("in_channels", "caption_channels", "model_max_length", "depth", "hidden_size", "num_heads"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"model.{name}", f"must be > 0, got {v}")
+        _check(self.patch_size is None or all(v > 0 for v in self.patch_size), "model.patch_size",
+               f"must be positive, got {self.patch_size}")
 
     def stdit_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`modelgrow.models.STDiT` (preset + explicit fields)."""
@@ -104,8 +124,9 @@ class GrowConfig:
     train_new_only: bool = _f(False, "freeze the original blocks (LLaMA-Pro style); the paper trains everything")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "grow")
         _check(self.strategy in ("none", "insert", "prefix", "suffix"), "grow.strategy", f"unknown strategy {self.strategy!r}")
-        _check(self.ratio > 0, "grow.ratio", f"must be > 0, got {self.ratio}")
+        _check(0 < self.ratio <= MAX_GROW_RATIO, "grow.ratio", f"must be in (0, {MAX_GROW_RATIO}], got {self.ratio}")
         _check(self.num_new is None or self.num_new > 0, "grow.num_new", f"must be > 0, got {self.num_new}")
         _check(self.llm_channels > 0 and self.llm_max_length > 0, "grow", "llm_channels and llm_max_length must be > 0")
 
@@ -129,6 +150,7 @@ class DataConfig:
     llm_use_template: bool = _f(True, "wrap prompts in the LLM's chat template (False: the paper's 'w/o template' ablation)")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data")
         _check(self.num_frames > 0 and self.frame_interval > 0, "data.num_frames", "num_frames and frame_interval must be > 0")
         _check(all(v > 0 for v in self.image_size), "data.image_size", f"must be positive, got {self.image_size}")
         _check(self.decoder in ("auto", "dali", "dali-cpu", "pyav"), "data.decoder", f"unknown decoder {self.decoder!r}")
@@ -148,9 +170,11 @@ class OptimConfig:
     fused: bool = _f(True, "use the fused AdamW implementation where available")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "optim")
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0, "optim", "weight_decay, grad_clip and warmup_steps must be >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
+        _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
 
 
 @dataclass
@@ -170,6 +194,7 @@ class TrainConfig:
     output_dir: str = _f("runs/train", "where checkpoints, logs and the resolved config go")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train")
         _check(self.mode in ("vanilla", "lora", "expand"), "train.mode", f"unknown mode {self.mode!r}")
         _check(self.steps > 0 and self.batch_size > 0 and self.grad_accum > 0, "train", "steps, batch_size and grad_accum must be > 0")
         _check(0.0 < self.ema_decay <= 1.0, "train.ema_decay", "must be in (0, 1]")
@@ -189,6 +214,7 @@ class ParallelConfig:
     reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 MixedPrecisionPolicy gradient-reduce dtype")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "parallel")
         ac = self.activation_checkpointing
         ok = ac in ("none", "full") or (ac.startswith("every-") and ac[6:].isdigit() and int(ac[6:]) > 0)
         _check(ok, "parallel.activation_checkpointing", f"must be none, full or every-N (N > 0), got {ac!r}")
@@ -203,8 +229,11 @@ class CheckpointConfig:
     resume: bool = _f(True, "resume from the newest checkpoint in train.output_dir when there is one")
     load_weights: str | None = _f(None, "weights-only start for continual pre-training (model only, no optimizer/step)")
     strict: bool = _f(True, "a weights file whose keys do not fit is an error")
+    overwrite: bool = _f(False, "with resume = false: delete the checkpoints already in train.output_dir and start over "
+                                "(without it, resume = false on a run directory that has checkpoints is an error)")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "checkpoint")
         _check(self.every_steps > 0 and self.keep_last > 0, "checkpoint", "every_steps and keep_last must be > 0")
 
 
@@ -223,6 +252,7 @@ class SampleConfig:
     batch_size: int = _f(1, "prompts per forward")
 
     def __post_init__(self) -> None:
+        _check_finite(self, "sample")
         _check(self.sampler in ("iddpm", "ddim", "dpm-solver"), "sample.sampler", f"unknown sampler {self.sampler!r}")
         _check(self.num_sampling_steps > 0 and self.batch_size > 0, "sample", "num_sampling_steps and batch_size must be > 0")
         _check(self.prompt_mode in ("S", "L", "SL"), "sample.prompt_mode", f"must be S, L or SL, got {self.prompt_mode!r}")
@@ -286,6 +316,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         return value
     if tp is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), key, f"expected a number, got {value!r}")
+        _check(math.isfinite(float(value)), key, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         _check(isinstance(value, str), key, f"expected a string, got {value!r}")
@@ -382,7 +413,11 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
         else:
             if i + 1 >= len(args):
                 raise ConfigError(f"{arg[2:]}: missing value")
-            dotted, text = arg[2:], args[i + 1]
+            nxt = args[i + 1]
+            if nxt.startswith("--") and "." in nxt.split("=", 1)[0]:
+                raise ConfigError(f"{arg[2:]}: missing value (the next argument {nxt!r} is another override); "
+                                  f"write {arg}=VALUE for a value that starts with --")
+            dotted, text = arg[2:], nxt
             i += 2
         section, _, key = dotted.partition(".")
         if section not in SECTIONS:
@@ -402,7 +437,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.exists():
             raise FileNotFoundError(f"config file not found: {path}")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text ({e}); TOML files must be UTF-8, re-save it as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: not valid TOML ({e})") from None
         try:
@@ -423,6 +460,8 @@ def config_to_dict(cfg: Config, keep_none: bool = False) -> dict[str, dict[str, 
 
 
 def dumps_config(cfg: Config) -> str:
+    import tomli_w  # only for writing: a machine without it can still load and run configs
+
     return tomli_w.dumps(config_to_dict(cfg))
 
 

@@ -36,11 +36,18 @@ import torch.nn as nn
 from .models.stdit import STDiT
 
 STRATEGIES = ("insert", "prefix", "suffix")
+MAX_RATIO = 16  # at most 16 new blocks per original block: a larger k is a typo (and would hang building them)
 ZERO_INIT = ("attn.proj", "attn_temp.proj", "cross_attn.proj", "mlp.fc2", "llm_cross_attn.proj")
 
 
 def _ratio(ratio: float | str | Fraction) -> Fraction:
-    k = Fraction(str(ratio)) if not isinstance(ratio, Fraction) else ratio
+    try:
+        k = Fraction(str(ratio)) if not isinstance(ratio, Fraction) else ratio
+    except (ValueError, ZeroDivisionError, OverflowError):
+        raise ValueError(f"expansion ratio must be a finite number k > 0 (e.g. 1, 0.5, 2/3), got {ratio!r}") from None
+    if k > MAX_RATIO:
+        raise ValueError(f"expansion ratio k = {ratio} is larger than the maximum {MAX_RATIO} (k new blocks per "
+                         f"original block); use a smaller ratio")
     if k.denominator > 64:
         k = k.limit_denominator(64)
     if k <= 0:
@@ -54,6 +61,9 @@ def growth_plan(depth: int, strategy: str, ratio: float | str | Fraction | None 
         raise ValueError(f"unknown expansion strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
     if (ratio is None) == (num_new is None):
         raise ValueError("give exactly one of ratio (k > 0) and num_new (P = k * N new blocks)")
+    if num_new is not None and (not isinstance(num_new, int) or isinstance(num_new, bool) or not 0 < num_new <= MAX_RATIO * depth):
+        raise ValueError(f"num_new (new blocks) must be an integer in [1, {MAX_RATIO * depth}] for a {depth}-block model, "
+                         f"got {num_new!r}")
     k = _ratio(ratio) if ratio is not None else Fraction(num_new, depth)
     if k <= 0:
         raise ValueError(f"the number of new blocks must be > 0, got {num_new}")
@@ -178,10 +188,26 @@ def _t5_source(model: STDiT, i: int) -> nn.Module:
     that the LLM projection is not zero behind a zero gate (no gradient could ever reach either)."""
     growth = model.config.get("growth")
     if not growth or not growth["new"][i]:
-        return model.blocks[i]
-    src = growth["sources"][i]
-    j = next(j for j, (s, n) in enumerate(zip(growth["sources"], growth["new"])) if s == src and not n)
+        j = i
+    else:
+        src = growth["sources"][i]
+        j = next(j for j, (s, n) in enumerate(zip(growth["sources"], growth["new"])) if s == src and not n)
+    w = model.blocks[j].cross_attn.proj.weight
+    if growth and not w.is_meta and not bool(w.detach().abs().sum()):
+        # block j is itself a copy from an earlier expansion (zero T5 projection): follow the whole growth
+        # history to a block whose projection came from the original model
+        j = _original_block(growth, i)
     return model.blocks[j]
+
+
+def _original_block(growth: dict | None, i: int) -> int:
+    """Index (in the model ``growth`` describes) of a block never added by any expansion that block ``i``
+    descends from."""
+    if growth is None:
+        return i
+    sources, new = growth["sources"], growth["new"]
+    q = _original_block(growth.get("parent"), sources[i])
+    return next(j for j, (s, n) in enumerate(zip(sources, new)) if s == q and not n)
 
 
 def freeze_original_blocks(model: STDiT) -> list[str]:

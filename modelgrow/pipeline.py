@@ -18,7 +18,9 @@ null-embedding buffers (or the negative prompt's T5 embedding when one is given)
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,19 @@ DEFAULTS: dict[str, Any] = {
     "llm_max_length": 120,
     "vae_micro_batch_size": 4,
 }
+
+
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "vocab.json")
+
+
+def _check_tokenizer(path: Path) -> None:
+    """A text component needs its tokenizer files: without them transformers may fall back to a tokenizer that
+    maps every word to <unk>, and sampling would 'succeed' unconditioned."""
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: component directory missing from the pipeline")
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); save the "
+                                "tokenizer beside the model (tokenizer.save_pretrained) or re-save the pipeline")
 
 
 @dataclass
@@ -91,6 +106,9 @@ class ModelGrowPipeline:
             raise FileNotFoundError(f"{root / PIPELINE_CONFIG} not found: {root} is not a ModelGrow pipeline directory")
         config = {**DEFAULTS, **json.loads((root / PIPELINE_CONFIG).read_text())}
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        for name in ("text_encoder", "llm_encoder", "recaptioner"):
+            if name == "text_encoder" or (root / name).exists():
+                _check_tokenizer(root / name)
         model = from_pretrained(root / "transformer", device=device)
         transformer = accelerate(model, dtype=dtype, compile=compile) if accelerate_model else model
         vae = VideoVAE.from_pretrained(root / "vae", micro_batch_size=config["vae_micro_batch_size"], device=device)
@@ -117,6 +135,13 @@ class ModelGrowPipeline:
         return root
 
     # ------------------------------------------------------------------------------------------------
+    def empty_after_cleaning(self, prompts: list[str]) -> list[str]:
+        """The prompts the T5 text preprocessing reduces to nothing (e.g. non-Latin text with cleaning on)."""
+        pre = getattr(self.text_encoder, "preprocess", None)
+        if pre is None:
+            return []
+        return [p for p, c in zip(prompts, pre(list(prompts))) if not str(c).strip()]
+
     def check_inputs(self, prompts: list[str], num_frames: int, height: int, width: int) -> tuple[int, int, int]:
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise ValueError("prompt must be a non-empty string or a list of non-empty strings")
@@ -180,10 +205,15 @@ class ModelGrowPipeline:
         latent = self.check_inputs(shorts, num_frames, height, width)
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be np, pt or latent; got {output_type!r}")
-        steps = num_inference_steps or cfg["num_inference_steps"]
+        steps = cfg["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
         sampler = sampler or cfg["sampler"]
         s_t5 = cfg["guidance_scale"] if guidance_scale is None else guidance_scale
         s_llm = cfg["llm_guidance_scale"] if llm_guidance_scale is None else llm_guidance_scale
+        for name, v in (("guidance_scale", s_t5), ("llm_guidance_scale", s_llm)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not math.isfinite(float(v)):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         mode = prompt_mode or cfg["prompt_mode"]
 
         # 1. prompts (recaptioned into long prompts on request) and their encodings
@@ -193,6 +223,9 @@ class ModelGrowPipeline:
                 raise ValueError("recaption=True needs a recaptioner component")
             longs = self.recaptioner.recaption(shorts)
         prompts = [merge_prompt(s, lp, mode) for s, lp in zip(shorts, longs)]
+        for p in self.empty_after_cleaning(prompts):
+            warnings.warn(f"prompt {p!r} is empty after the T5 caption cleaning (which keeps ASCII-ish text only): "
+                          "it is sampled as the unconditional (null) caption", stacklevel=2)
         kwargs = self.encode_prompt(prompts, negative_prompt)
 
         # 2. latents and the guided denoiser
@@ -211,6 +244,12 @@ class ModelGrowPipeline:
             x0 = sample(model_fn, (groups * B, *z.shape[1:]), noise=torch.cat([z] * groups), model_kwargs=kwargs,
                         progress=progress, device=device)[:B]
 
+        if not bool(torch.isfinite(x0).all()):
+            raise FloatingPointError(
+                f"the sampled latents hold NaN/inf (sampler {sample.sampler_name}, {steps} steps, guidance "
+                f"{s_t5}/{s_llm}): no video is produced; check the transformer weights and the guidance scales"
+            )
+
         # 4. decode
         settings = {"sampler": sample.sampler_name, "steps": steps, "guidance_scale": s_t5, "prompt_mode": mode,
                     "num_frames": num_frames, "height": height, "width": width,
@@ -218,6 +257,8 @@ class ModelGrowPipeline:
         if output_type == "latent":
             return PipelineOutput(x0, prompts, seed, settings)
         video = self.vae.decode(x0.to(self.vae.dtype)).float()
+        if not bool(torch.isfinite(video).all()):
+            raise FloatingPointError("the VAE decoded NaN/inf pixels: no video is produced; check the VAE weights")
         if output_type == "pt":
             return PipelineOutput(video, prompts, seed, settings)
         return PipelineOutput([to_uint8(v) for v in video], prompts, seed, settings)

@@ -93,7 +93,8 @@ def encoder_identity(kind: str, enc: Any) -> dict[str, Any]:
                 "latent": "mode", "latent_channels": int(enc.out_channels)}
     ident = {"class": type(enc.model).__name__, "config": config_fingerprint(enc.model.config),
              "weights": _param_fingerprint(enc.model), "path": getattr(enc, "path", None),
-             "max_length": int(enc.max_length), "hidden_size": int(enc.hidden_size)}
+             "max_length": int(enc.max_length), "hidden_size": int(enc.hidden_size),
+             "tokenizer": _tokenizer_fingerprint(getattr(enc, "tokenizer", None))}
     if kind == "t5":
         ident["clean"] = bool(enc.clean)
     else:
@@ -102,8 +103,23 @@ def encoder_identity(kind: str, enc: Any) -> dict[str, Any]:
     return ident
 
 
+def _tokenizer_fingerprint(tok: Any) -> str | None:
+    if tok is None or not hasattr(tok, "get_vocab"):
+        return None
+    return _sha({"vocab": sorted(tok.get_vocab().items()), "special": getattr(tok, "all_special_tokens", None),
+                 "class": type(tok).__name__})
+
+
 def _comparable(ident: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if ident is None else {k: v for k, v in ident.items() if k != "path"}
+
+
+def _identity_diff(have: dict[str, Any] | None, want: dict[str, Any] | None) -> list[str]:
+    """Fields in which two encoder identities differ (a field only one side records, e.g. the tokenizer
+    fingerprint of a cache built by an older version, is not compared)."""
+    if have is None or want is None:
+        return [] if have is want else ["present" if want is not None else "absent"]
+    return [k for k in sorted(set(have) & set(want)) if k != "path" and have[k] != want[k]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -121,8 +137,19 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CacheMismatchError(f"{path}: damaged cache file, not valid JSON ({e}); rebuild the cache with "
+                                 "`modelgrow cache` (finished shards are reused)") from None
+
+
+def _public(path: Path) -> None:
+    """safetensors writes 0600; cache shards get the mode every other file gets (0644 with umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _manifest_sha(path: Path) -> str:
@@ -179,9 +206,14 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
     for name, dt in (("latent_dtype", latent_dtype), ("text_dtype", text_dtype)):
         if dt not in _DTYPES:
             raise ValueError(f"{name} must be one of {list(_DTYPES)}, got {dt!r}")
+    if not 0.0 <= max_fail_fraction <= 1.0 or max_fail_fraction != max_fail_fraction:
+        raise ValueError(f"max_fail_fraction must be in [0, 1], got {max_fail_fraction}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    man = load_manifest(manifest)
+    try:
+        man = load_manifest(manifest)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{manifest}: the manifest is not UTF-8 text ({e}); re-save it as UTF-8") from None
     vae, t5, llm = _load_encoders(vae, t5, llm, device)
     ds = VideoDataset(man, num_frames, frame_interval, image_size, hflip=False, decoder=decoder, seed=seed,
                       prompt_mode=prompt_mode, deterministic=True)
@@ -207,6 +239,14 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
     (out / "index.json").unlink(missing_ok=True)
 
     counter = FailureCounter(max_fail_fraction)
+    allowed = max_fail_fraction * len(man)  # the rule over the whole manifest, whatever its size
+
+    def over_threshold() -> None:
+        if counter.failed > allowed:
+            counter.abort(f"{counter.failed} of the {len(man)} rows of {man.path} failed to decode (more than "
+                          f"max_fail_fraction {max_fail_fraction:g} x {len(man)} rows = {allowed:g}); fix or drop "
+                          "those rows, or raise --max-fail-fraction")
+
     n_shards = -(-len(man) // shard_size)
     shapes: dict[str, Any] = {}
     for s in range(n_shards):
@@ -222,6 +262,7 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
                     counter.tried += 1
                     counter.failed += 1
                     counter.failed_paths.append(path)
+                over_threshold()
                 continue
         samples, failed = [], []
         items = (ds[(0, 0, i)] for i in rows) if num_workers == 0 else iter(torch.utils.data.DataLoader(
@@ -230,7 +271,8 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
         for item in items:
             if "failed" in item:
                 failed.append(item["failed"])
-                counter.fail(item["failed"], item["error"])
+                counter.fail(f"{item['failed']} (manifest row {item.get('index')})", item["error"])
+                over_threshold()
             else:
                 counter.ok()
                 samples.append(item)
@@ -253,6 +295,7 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
             data["index"] = torch.tensor([c["index"] for c in samples], dtype=torch.long)
             tmp = st_path.with_name(st_path.name + ".tmp")
             save_file(data, str(tmp), metadata={"modelgrow_cache": str(CACHE_VERSION)})
+            _public(tmp)
             os.replace(tmp, st_path)
         else:
             st_path.unlink(missing_ok=True)
@@ -293,7 +336,7 @@ def _diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if old.get("settings", {}).get(k) != v:
             problems.append(f"settings.{k}: cache has {old.get('settings', {}).get(k)!r}, asked {v!r}")
     for k, v in new["encoders"].items():
-        if _comparable(old.get("encoders", {}).get(k)) != _comparable(v):
+        if _identity_diff(old.get("encoders", {}).get(k), v):
             problems.append(f"encoder {k!r} differs (cache: {old.get('encoders', {}).get(k)}, asked: {v})")
     return problems
 
@@ -317,6 +360,10 @@ class CachedDataset:
                 if (self.dir / "cache.json").exists() else ""
             raise FileNotFoundError(f"{self.dir}: no index.json, not a finished modelgrow cache{hint}")
         self.index = _read_json(idx_path)
+        need = ("settings", "encoders", "entries", "shards", "tensors")
+        if not isinstance(self.index, dict) or any(k not in self.index for k in need):
+            raise CacheMismatchError(f"{idx_path}: damaged cache index (expected an object with {', '.join(need)}); "
+                                     "rebuild the cache with `modelgrow cache` (finished shards are reused)")
         if self.index.get("settings", {}).get("version") != CACHE_VERSION:
             raise CacheMismatchError(f"{self.dir}: cache version {self.index.get('settings', {}).get('version')} "
                                      f"!= {CACHE_VERSION}; rebuild it")
@@ -335,8 +382,9 @@ class CachedDataset:
         for k, v in expect.items():
             if k in ("vae", "t5", "llm"):
                 have = self.index["encoders"].get(k)
-                if _comparable(have) != _comparable(v):
-                    problems.append(f"encoder {k!r}: cache has {have}, expected {v}")
+                diff = _identity_diff(have, v)
+                if diff:
+                    problems.append(f"encoder {k!r} differs in {diff}: cache has {have}, expected {v}")
             elif self.index["settings"].get(k) != v:
                 problems.append(f"{k}: cache has {self.index['settings'].get(k)!r}, expected {v!r}")
         if problems:
@@ -366,6 +414,14 @@ class CachedDataset:
                 fp = _config_fingerprint_of_dir(kind, path)
                 if fp is not None and fp != have["config"]:
                     problems.append(f"data.{kind} = {path} is not the {kind} the cache was built with")
+                elif fp is not None:  # same config: the weights, tokenizer and scaling must match too
+                    want = _identity_of_dir(kind, path, cfg)
+                    diff = _identity_diff(have, want) if want is not None else []
+                    if diff:
+                        problems.append(f"data.{kind} = {path} differs from the {kind} the cache was built with "
+                                        f"in {diff} (cache: {have.get('path')}: "
+                                        + ", ".join(f"{k}={have.get(k)!r}" for k in diff) + "; configured: "
+                                        + ", ".join(f"{k}={want.get(k)!r}" for k in diff) + ")")
         if problems:
             raise CacheMismatchError(f"cache {self.dir} does not fit the config: " + "; ".join(problems))
 
@@ -408,6 +464,20 @@ class CachedDataset:
                     "index": self.entries[k][0], "epoch": epoch, "pos": pos}
         out["epoch"], out["pos"] = epoch, pos
         return out
+
+
+def _identity_of_dir(kind: str, path: str, cfg) -> dict[str, Any] | None:
+    """The identity of the encoder ``cfg`` configures at ``path`` (loaded on the CPU once, at start-up)."""
+    from ..text import LLMEncoder, T5Encoder
+    from ..vae import VideoVAE
+
+    if kind == "vae":
+        return encoder_identity("vae", VideoVAE.from_pretrained(path, device="cpu"))
+    if kind == "t5":
+        return encoder_identity("t5", T5Encoder(path, max_length=cfg.model.model_max_length, device="cpu"))
+    d = cfg.data
+    return encoder_identity("llm", LLMEncoder(path, max_length=cfg.grow.llm_max_length, layer=d.llm_layer,
+                                              use_template=d.llm_use_template, device="cpu"))
 
 
 def _config_fingerprint_of_dir(kind: str, path: str) -> str | None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -75,16 +77,32 @@ def read_checkpoint(path: str | os.PathLike, key: str | None = None) -> dict[str
     """
     path = Path(path)
     if path.is_dir():
+        if (path / ".metadata").exists() and (path / "meta.json").exists():
+            raise ValueError(
+                f"{path} is a resumable DCP training checkpoint, not a weights file: convert it first with "
+                f"`modelgrow export --ckpt {path} --out DIR` and load DIR (or resume the run it belongs to)"
+            )
+        if not (path / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(f"{path} is a directory without {WEIGHTS_NAME}: not a modelgrow pretrained directory")
         path = path / WEIGHTS_NAME
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is empty (0 bytes): the file was not written completely; re-create or re-download it")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        obj: Any = load_file(str(path), device="cpu")
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: name the file
+            raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); the file is "
+                             "truncated or damaged, re-create or re-download it") from None
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
+        except (EOFError, RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e}); the file is "
+                             "truncated or damaged, re-create or re-download it") from None
         except pickle.UnpicklingError as e:
             raise ValueError(
                 f"{path} holds pickled objects other than tensors and plain containers; modelgrow reads "
@@ -214,6 +232,14 @@ def load_checkpoint(
         for k in sd
         if k in own and k not in POS_EMBED_KEYS and tuple(sd[k].shape) != tuple(own[k].shape)
     ]
+    bad_dtype = [f"{k}: checkpoint {sd[k].dtype} vs model {own[k].dtype}" for k in sd
+                 if k in own and own[k].is_floating_point() and not sd[k].is_floating_point()]
+    if bad_dtype:
+        shown = "\n    ".join(bad_dtype[:20]) + (f"\n    ... and {len(bad_dtype) - 20} more" if len(bad_dtype) > 20 else "")
+        raise CheckpointMismatchError(
+            f"{name}: {len(bad_dtype)} tensors are integer (quantised?) where the model has floating-point "
+            f"parameters; modelgrow does not dequantise: convert the checkpoint to float first\n    {shown}"
+        )
     if strict and not report.ok:
         raise CheckpointMismatchError(
             "checkpoint does not fit the model (pass strict=False to load what fits):\n" + report.describe()
@@ -251,21 +277,85 @@ def save_pretrained(model: STDiT, out_dir: str | os.PathLike, extra: Mapping[str
         "config": model.config,
         **(dict(extra) if extra else {}),
     }
-    tmp_w, tmp_c = out / (WEIGHTS_NAME + ".tmp"), out / (CONFIG_NAME + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format": "pt", "modelgrow_format": str(FORMAT_VERSION)})
-    tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp_w, out / WEIGHTS_NAME)
-    os.replace(tmp_c, out / CONFIG_NAME)
+    fresh = not any(out.iterdir())
+    # a sibling staging directory, swapped in as a whole: an interrupted save never pairs new weights with
+    # an old config.json (other files of an existing directory are carried over, hard-linked)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.saving-", dir=out.parent))
+    stage.chmod(out.stat().st_mode & 0o7777)  # mkdtemp makes it 0700; keep the directory's own mode
+    try:
+        save_file(tensors, str(stage / WEIGHTS_NAME), metadata={"format": "pt", "modelgrow_format": str(FORMAT_VERSION)})
+        (stage / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for f in (stage / WEIGHTS_NAME, stage / CONFIG_NAME):
+            f.chmod(_file_mode())
+        if not fresh:
+            _carry_over(out, stage, skip={WEIGHTS_NAME, CONFIG_NAME})
+        _swap_dirs(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # after the swap: the old directory
     return out
+
+
+def _file_mode() -> int:
+    """0666 minus the umask (0644 with the usual 022): what any other file the process creates gets (safetensors
+    writes 0600, which other users of a shared cluster cannot read)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _carry_over(src: Path, dst: Path, skip: set[str]) -> None:
+    for entry in src.iterdir():
+        if entry.name in skip or entry.name.endswith(".tmp"):
+            continue
+        target = dst / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, target)
+
+
+def _link_or_copy(src: str | Path, dst: str | Path) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _swap_dirs(new: Path, target: Path) -> None:
+    """Atomically exchange ``new`` and ``target`` (Linux renameat2 RENAME_EXCHANGE); where that is not
+    available, two renames with the old directory kept until the new one is in place."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+        AT_FDCWD, RENAME_EXCHANGE = -100, 2
+        if renameat2(AT_FDCWD, os.fsencode(new), AT_FDCWD, os.fsencode(target), RENAME_EXCHANGE) == 0:
+            return
+    except (OSError, AttributeError):
+        pass
+    old = new.with_name(new.name + "-old")
+    os.replace(target, old)
+    os.replace(new, target)
+    os.replace(old, new)
 
 
 def read_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_NAME
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {model_dir} is not a modelgrow pretrained directory")
-    meta = json.loads(path.read_text())
-    if meta.get("modelgrow_format") != FORMAT_VERSION or "config" not in meta:
-        raise ValueError(f"{path}: unsupported format {meta.get('modelgrow_format')!r} (expected {FORMAT_VERSION})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); restore the file (save_pretrained / modelgrow export write it)") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(meta).__name__}")
+    if meta.get("modelgrow_format") != FORMAT_VERSION or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path}: unsupported format {meta.get('modelgrow_format')!r} (expected {FORMAT_VERSION} "
+                         "with a 'config' object)")
     return meta
 
 
@@ -281,8 +371,20 @@ def from_pretrained(
     meta = read_config(model_dir)
     if meta.get("architecture", "STDiT") != "STDiT":
         raise ValueError(f"{model_dir}: architecture {meta['architecture']!r} is not an STDiT")
-    with torch.device("meta"):
-        model = STDiT(**meta["config"])
+    import inspect
+
+    cfg = meta["config"]
+    known = set(inspect.signature(STDiT.__init__).parameters) - {"self"}
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(STDiT.__init__).parameters.values())
+    unknown = sorted(set(cfg) - known) if not has_var_kw else []
+    if unknown:
+        raise ValueError(f"{Path(model_dir) / CONFIG_NAME}: unknown config field(s) {unknown}; valid fields: {sorted(known)}")
+    try:
+        with torch.device("meta"):
+            model = STDiT(**cfg)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ValueError(f"{Path(model_dir) / CONFIG_NAME}: the config does not describe a valid STDiT "
+                         f"({type(e).__name__}: {e})") from None
     load_checkpoint(model, model_dir, strict=strict, format="modelgrow")
     if dtype is not None:
         model.to(dtype_from_name(dtype))

@@ -49,7 +49,14 @@ def build_model(cfg: Config) -> STDiT:
     """The model a run trains: weights from ``checkpoint.load_weights`` (a pretrained dir brings its own
     architecture; an Open-Sora / PixArt / safetensors file loads into ``[model]``), then growth and the LLM
     condition from ``[grow]``, then the trainable set from ``train.mode``."""
-    src = cfg.checkpoint.load_weights
+    src, pre = cfg.checkpoint.load_weights, cfg.model.from_pretrained
+    if src and pre and Path(src) != Path(pre):
+        raise ValueError(f"model.from_pretrained = {pre!r} and checkpoint.load_weights = {src!r} both name the start "
+                         "weights; set only one of them")
+    src = src or pre
+    if src and not Path(src).exists():
+        key = "checkpoint.load_weights" if cfg.checkpoint.load_weights else "model.from_pretrained"
+        raise FileNotFoundError(f"{key} = {src!r}: no such file or directory")
     if src and Path(src).is_dir() and (Path(src) / CONFIG_NAME).exists():
         model = from_pretrained(src, strict=cfg.checkpoint.strict).train()
     else:
@@ -127,8 +134,19 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         self._writer = None
-        if cfg.checkpoint.resume and (last := ckpt.latest_checkpoint(self.out / "checkpoints")) is not None:
+        self._overwrite = False
+        last = ckpt.latest_checkpoint(self.out / "checkpoints")
+        if cfg.checkpoint.resume and last is not None:
             self.resume(last)
+        elif last is not None:
+            if not cfg.checkpoint.overwrite:
+                raise ValueError(
+                    f"train.output_dir = {self.out} already holds a run (newest checkpoint {last.name}) and "
+                    "checkpoint.resume = false: refusing to mix two runs in one directory. Use another "
+                    "train.output_dir, resume it (checkpoint.resume = true), or delete its checkpoints and start over "
+                    "with checkpoint.overwrite = true"
+                )
+            self._overwrite = True
 
     # --------------------------------------------------------------------------------------------------
     def _default_loader(self):
@@ -205,6 +223,15 @@ class Trainer:
     # --------------------------------------------------------------------------------------------------
     def fit(self) -> list[dict[str, float]]:
         cfg = self.cfg
+        if self._overwrite:  # checkpoint.resume = false + checkpoint.overwrite = true: the old run goes
+            if self.rank == 0:
+                import shutil
+
+                shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+            if dist.is_initialized():
+                dist.barrier()
+            self._overwrite = False
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.toml")
@@ -299,15 +326,76 @@ class Trainer:
         return path
 
     def resume(self, path: Path) -> None:
-        extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema)
+        changed = self._resume_changes(path)
+        try:
+            extra = ckpt.load_checkpoint(path, self.model, self.optimizer, self.ema)
+        except (ckpt.CheckpointError, FileNotFoundError, KeyError, RuntimeError) as e:
+            prev = [p for p in ckpt.list_checkpoints(self.out / "checkpoints") if p != Path(path)]
+            hint = (f"the previous complete checkpoint is {prev[-1]}: move the damaged one aside "
+                    f"(mv {path} {path}.damaged) and run again to resume from {prev[-1].name}") if prev else \
+                "there is no earlier complete checkpoint; start over in another train.output_dir"
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {e}\n  {hint}") from None
         self.step = int(extra["step"])
         self.scheduler.load_state_dict(extra["scheduler"])
+        if changed:
+            self._apply_optim_config()
+            for key, (old, new) in changed.items():
+                self.log(f"resume: {key} changed {old!r} -> {new!r}; takes effect from step {self.step + 1}")
         torch.set_rng_state(extra["rng_cpu"])
         if "rng_cuda" in extra and self.device.type == "cuda":
             torch.cuda.set_rng_state(extra["rng_cuda"], self.device)
         if "data" in extra and hasattr(self.loader, "load_state_dict"):
             self.loader.load_state_dict(extra["data"])
         self.log(f"resumed from {path} at step {self.step}")
+
+    def _resume_changes(self, path: Path) -> dict:
+        meta = ckpt.read_meta(path)
+        old = meta.get("config")
+        if not old:
+            return {}
+        applied, refused = _resume_diff(old, config_to_dict(self.cfg))
+        if refused:
+            lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in refused.items())
+            raise ValueError(
+                f"resuming {path} with settings that differ from the run that wrote it:\n{lines}\nput the old values "
+                "back, or start a new run from these weights in another train.output_dir (modelgrow export, then "
+                f"checkpoint.load_weights). Settings that may change on resume: {', '.join(RESUME_FREE + RESUME_APPLIED)}"
+            )
+        return applied
+
+    def _apply_optim_config(self) -> None:
+        """The configured optimizer hyper-parameters over the restored ones; lr keeps the restored schedule position."""
+        o = self.cfg.optim
+        for g in self.optimizer.param_groups:
+            g.update(initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        sch = self.scheduler
+        sch.base_lrs = [o.lr] * len(self.optimizer.param_groups)
+        lrs = [base * fn(sch.last_epoch) for base, fn in zip(sch.base_lrs, sch.lr_lambdas)]
+        for g, lr in zip(self.optimizer.param_groups, lrs):
+            g["lr"] = lr
+        sch._last_lr = lrs
+
+
+# keys that may differ from the checkpoint's run on resume: bookkeeping and sharding (no effect on the math) ...
+RESUME_FREE = ("train.steps", "train.log_every", "train.output_dir", "checkpoint.", "parallel.", "sample.",
+               "data.num_workers", "data.decoder", "data.max_fail_fraction", "model.from_pretrained")
+# ... and hyper-parameters that take effect from the next step (applied to the restored optimizer / scheduler)
+RESUME_APPLIED = ("optim.", "train.ema_decay")
+
+
+def _resume_diff(old: dict, new: dict) -> tuple[dict, dict]:
+    """(applied, refused) {dotted key: (old, new)} between a checkpoint's config and the current one."""
+    applied, refused = {}, {}
+    norm = lambda v: json.loads(json.dumps(v))  # noqa: E731 - tuples vs lists, as saved in meta.json
+    for section in sorted(set(old) | set(new)):
+        o, n = old.get(section, {}) or {}, new.get(section, {}) or {}
+        for key in sorted(set(o) | set(n)):
+            a, b = norm(o.get(key)), norm(n.get(key))
+            dotted = f"{section}.{key}"
+            if a == b or dotted.startswith(RESUME_FREE) or dotted in RESUME_FREE:
+                continue
+            (applied if dotted.startswith(RESUME_APPLIED) else refused)[dotted] = (a, b)
+    return applied, refused
 
 
 def main(cfg: Config) -> int:
