@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - installs without Triton run the refere
     triton = tl = _NoTriton()
     _HAS_TRITON = False
 
-__all__ = ["gated_cross_attn", "gated_cross_attn_ref"]
+__all__ = ["cross_attn", "gated_cross_attn", "gated_cross_attn_ref"]
 
 _OP = "gated_cross_attn"
 _MAX_D = 256  # largest head dim the Triton kernels take (BLOCK_D = 256); larger uses the reference
@@ -488,14 +488,15 @@ def _ref_fwd(x, q, k, v, lam, mask, save):
 
 def _ref_bwd(dout, q, k, v, lam, mask, o):
     """Explicit attention backward in PyTorch (fp32, or fp64 for fp64 inputs); no autograd, no Triton.
-    (Autograd cannot be used here: a custom op's body runs below the autograd dispatch key.)"""
+    (Autograd cannot be used here: a custom op's body runs below the autograd dispatch key.) ``lam=None``:
+    the plain cross-attention (gate 1, no dlam)."""
     B, N, H, D = q.shape
     ct = torch.promote_types(q.dtype, torch.float32)
     scale = 1.0 / math.sqrt(D)
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
     d4 = (dout.unflatten(-1, (H, D)) if dout.dim() == 3 else dout).to(ct)
     oc = o.to(ct)
-    g = _gate(lam, H).to(ct).view(1, 1, H, 1)
+    g = (_gate(lam, H).to(ct) if lam is not None else torch.ones(H, dtype=ct, device=q.device)).view(1, 1, H, 1)
     s = torch.einsum("bnhd,blhd->bhnl", qc, kc) * scale
     has_any = None
     if mask is not None:
@@ -512,7 +513,7 @@ def _ref_bwd(dout, q, k, v, lam, mask, o):
     ds = p * (dp - (g.view(1, 1, H) * dot).permute(0, 2, 1)[..., None])
     dq = torch.einsum("bhnl,blhd->bnhd", ds, kc) * scale
     dk = torch.einsum("bhnl,bnhd->blhd", ds, qc) * scale
-    dlam = _dlam_from_dot(dot.sum(dim=(0, 1)), lam, H)
+    dlam = _dlam_from_dot(dot.sum(dim=(0, 1)), lam, H) if lam is not None else None
     return (dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous(), dlam)
 
 
@@ -584,34 +585,42 @@ class GatedCrossAttnFunction(torch.autograd.Function):
 
 
 def _check(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Tensor | None) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"gated_cross_attn: q must be [B, N, H, D], got shape {tuple(q.shape)}")
+    _check_qkv(q, k, v, mask, "gated_cross_attn")
     B, N, H, D = q.shape
-    if k.dim() != 4 or k.shape[0] != B or tuple(k.shape[2:]) != (H, D):
-        raise ValueError(f"gated_cross_attn: k must be [B, L, H, D] = [{B}, L, {H}, {D}] to match q "
-                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape != k.shape:
-        raise ValueError(f"gated_cross_attn: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
-    if k.shape[1] == 0:
-        raise ValueError("gated_cross_attn: k/v have L = 0 keys; pass at least one key (use an all-False mask "
-                         "row for a sample with no caption)")
     if tuple(x.shape) not in ((B, N, H, D), (B, N, H * D)):
         raise ValueError(f"gated_cross_attn: x (the residual) must be [B, N, H, D] = {(B, N, H, D)} or "
                          f"[B, N, H*D] = {(B, N, H * D)}, got {tuple(x.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"gated_cross_attn: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}; cast them to the same dtype")
     if not x.is_floating_point() or not lam.is_floating_point():
         raise ValueError(f"gated_cross_attn: x and lam must be floating point, got {x.dtype} and {lam.dtype}")
     if tuple(lam.shape) not in ((), (1,), (H,)):
         raise ValueError(f"gated_cross_attn: lam must have shape [], [1] or [H] = [{H}], got "
                          f"{tuple(lam.shape)}; use one gate per head or one for all heads")
-    if mask is not None and tuple(mask.shape) != (B, k.shape[1]):
-        raise ValueError(f"gated_cross_attn: mask must be the key-padding mask [B, L] = [{B}, {k.shape[1]}], "
-                         f"got {tuple(mask.shape)}")
-    devs = {t.device for t in (x, q, k, v, lam) + (() if mask is None else (mask,))}
+    devs = {t.device for t in (x, q, lam)}
     if len(devs) != 1:
         raise ValueError(f"gated_cross_attn: all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, op: str) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"{op}: q must be [B, N, H, D], got shape {tuple(q.shape)}")
+    B, N, H, D = q.shape
+    if k.dim() != 4 or k.shape[0] != B or tuple(k.shape[2:]) != (H, D):
+        raise ValueError(f"{op}: k must be [B, L, H, D] = [{B}, L, {H}, {D}] to match q "
+                         f"{tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{op}: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    if k.shape[1] == 0:
+        raise ValueError(f"{op}: k/v have L = 0 keys; pass at least one key (use an all-False mask "
+                         "row for a sample with no caption)")
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"{op}: q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}; cast them to the same dtype")
+    if mask is not None and tuple(mask.shape) != (B, k.shape[1]):
+        raise ValueError(f"{op}: mask must be the key-padding mask [B, L] = [{B}, {k.shape[1]}], "
+                         f"got {tuple(mask.shape)}")
+    devs = {t.device for t in (q, k, v) + (() if mask is None else (mask,))}
+    if len(devs) != 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devs))}")
 
 
 def gated_cross_attn(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -625,3 +634,73 @@ def gated_cross_attn(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, ma
         return GatedCrossAttnFunction.apply(x, q, k, v, lam, mask, save)
     out, _, _ = torch.ops.mgkernels.gated_cross_attn_fwd(x, q, k, v, lam, mask, False)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The plain (un-gated, no residual) cross-attention: STDiT's T5 and LLM cross-attention. Its output feeds
+# the output projection, so the gate and the residual cannot follow in this kernel's epilogue; the model
+# fuses them (and the next LayerNorm + modulation) into mgkernels.residual_modulate instead.
+# ----------------------------------------------------------------------------------------------------------
+
+def _plain_provider(q: Tensor) -> str:
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return "ref"  # float64 (verification against Open-Sora) stays on the reference
+    return choose("cross_attn", q, _providers(q))
+
+
+@torch.library.custom_op("mgkernels::cross_attn_fwd", mutates_args=())
+def cross_attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, save: bool) -> tuple[Tensor, Tensor]:
+    """(o ``[B, N, H, D]`` in q's dtype, lse ``[B, H, N]`` fp32 when ``save`` else empty)."""
+    if _plain_provider(q) == "triton":
+        o, _, lse = _triton_fwd(None, q, k, v, None, mask, save)
+        return o, lse
+    lse = _ref_lse(q, k, mask) if save else q.new_empty(0, dtype=torch.float32)
+    return _ref_attention(q, k, v, mask).contiguous(), lse
+
+
+@cross_attn_fwd.register_fake
+def _(q, k, v, mask, save):
+    B, N, H, D = q.shape
+    return q.new_empty((B, N, H, D)), q.new_empty((B, H, N) if save else (0,), dtype=torch.float32)
+
+
+@torch.library.custom_op("mgkernels::cross_attn_bwd", mutates_args=())
+def cross_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, o: Tensor,
+                   lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) from dO and the forward's o, lse."""
+    if _plain_provider(q) == "triton":
+        return _triton_bwd(do, q, k, v, None, mask, o, lse)[:3]
+    return _ref_bwd(do, q, k, v, None, mask, o)[:3]
+
+
+@cross_attn_bwd.register_fake
+def _(do, q, k, v, mask, o, lse):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class CrossAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, save):
+        o, lse = torch.ops.mgkernels.cross_attn_fwd(q, k, v, mask, save)
+        if save:
+            ctx.save_for_backward(q, k, v, mask, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, mask, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.mgkernels.cross_attn_bwd(do, q, k, v, mask, o, lse)
+        return dq, dk, dv, None, None
+
+
+def cross_attn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``softmax(q k^T / sqrt(D) + mask) v`` -> ``[B, N, H, D]``: q ``[B, N, H, D]``, k / v ``[B, L, H, D]``
+    (any strides, e.g. slices of one ``[B, L, 2, H, D]`` projection), ``mask`` the key-padding mask
+    ``[B, L]`` (a sample with no valid key gets 0, not NaN). Same kernels as :func:`gated_cross_attn`."""
+    _check_qkv(q, k, v, mask, "cross_attn")
+    if mask is not None:
+        mask = mask.detach()
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if save:
+        return CrossAttnFunction.apply(q, k, v, mask, True)
+    return torch.ops.mgkernels.cross_attn_fwd(q, k, v, mask, False)[0]

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mgkernels.gated_cross_attn import cross_attn
 from mgkernels.modulate import modulate
 from mgkernels.st_attention import st_attention
 
@@ -252,7 +253,8 @@ class MultiHeadCrossAttention(nn.Module):
     ``mask`` is a key-padding mask [B, L] (True / non-zero = real token). This equals Open-Sora's packed
     form (valid tokens of all captions concatenated, xformers ``BlockDiagonalMask.from_seqlens([N]*B,
     y_lens)``): each sample attends exactly to its own valid tokens. A caption with no valid token gives a
-    zero update instead of NaN.
+    zero update instead of NaN. The attention runs through ``mgkernels.cross_attn`` (Triton on CUDA: q, k, v
+    read in place from the projections' outputs; the PyTorch SDPA reference on CPU and in float64).
     """
 
     def __init__(self, d_model: int, num_heads: int):
@@ -269,18 +271,10 @@ class MultiHeadCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, N, C = x.shape
         L = cond.shape[1]
-        q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, N, D]
+        q = self.q_linear(x).view(B, N, self.num_heads, self.head_dim)  # [B, N, H, D]
         kv = self.kv_linear(cond).view(B, L, 2, self.num_heads, self.head_dim)  # [B, L, 2, H, D]
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x [B, H, L, D]
-        if mask is None:
-            o = _attention(q, k, v)  # [B, H, N, D]
-        else:
-            has_key = mask.any(dim=1)  # [B]
-            keys = mask | ~has_key[:, None]  # empty caption: attend to anything, zeroed below (no NaN)
-            o = _attention(q, k, v, attn_mask=keys[:, None, None, :])  # [B, H, N, D]
-            o = torch.where(has_key[:, None, None, None], o, torch.zeros((), dtype=o.dtype, device=o.device))
-        o = o.transpose(1, 2).reshape(B, N, C)  # [B, N, C]
-        return self.proj(o)  # [B, N, C]
+        o = cross_attn(q, kv[:, :, 0], kv[:, :, 1], mask)  # [B, N, H, D]
+        return self.proj(o.reshape(B, N, C))  # [B, N, C]
 
 
 class T2IFinalLayer(nn.Module):
