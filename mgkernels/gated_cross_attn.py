@@ -334,7 +334,7 @@ def _gca_bwd_dq_kernel(
 
 # (BLOCK_M, BLOCK_N, warps, stages) per kernel; "tc": fp16 / bf16 on tensor cores, "fp32": exact IEEE fp32
 _TILES = {
-    "tc": dict(fwd=(64, 64, 4, 2), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)),
+    "tc": dict(fwd=(64, 32, 4, 3), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)),
     "fp32": dict(fwd=(32, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
 }
 
