@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--out", default=None, help="directory for bench_kernels.json (default bench/results/<device>/)")
     args = ap.parse_args(argv)
 
     default_threads()
@@ -182,6 +183,7 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device)
     print(f"device {device} | {dtype} | copy bandwidth {bw:.1f} GB/s | T={T} S={S} C={args.hidden} B={args.batch}")
 
+    out_dir = Path(args.out) if args.out else None
     rows = []
     for case in _cases(args.ops.split(","), args.batch, T, S, args.hidden, args.heads, args.caption_tokens, dtype, device):
         for mode in args.modes.split(","):
@@ -200,12 +202,14 @@ def main(argv=None) -> int:
                         row["x_vs_eager"] = base["eager"] / row["ms_p50"]
                     if "compile" in base:
                         row["x_vs_compile"] = base["compile"] / row["ms_p50"]
+        if not args.no_save:  # every finished case is on disk at once (a time-boxed run keeps what it measured)
+            write_results("bench_kernels", [{**r, "copy_bw_gbps": bw} for r in rows], device, out_dir)
     print_table(rows, ["op", "shape", "mode", "provider", "ms_p20", "ms_p50", "ms_p80", "gbps", "pct_copy_bw",
                        "tflops", "x_vs_eager", "x_vs_compile"])
     if not args.no_save:
         for row in rows:
             row["copy_bw_gbps"] = bw
-        print("wrote", write_results("bench_kernels", rows, device))
+        print("wrote", write_results("bench_kernels", rows, device, out_dir))
     return 0
 
 

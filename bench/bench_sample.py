@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--out", default=None, help="directory for bench_sample.json (default bench/results/<device>/)")
     args = ap.parse_args(argv)
+    out_dir = Path(args.out) if args.out else None
 
     default_threads()
     device = pick_device(args.device)
@@ -97,9 +99,11 @@ def main(argv=None) -> int:
                          "steps": args.steps, "dtype": str(dtype).replace("torch.", ""), "peak_tflops": peak})
         ref_ms = rows[-2]["ms_p50"]
         rows[-1]["speedup"] = ref_ms / rows[-1]["ms_p50"]
+        if not args.no_save:  # each finished guidance mode is on disk at once
+            write_results("bench_sample", rows, device, out_dir)
     print_table(rows, ["case", "guidance", "provider", "ms_p20", "ms_p50", "ms_p80", "s_per_video", "tflops", "mfu", "speedup"])
     if not args.no_save:
-        print("wrote", write_results("bench_sample", rows, device))
+        print("wrote", write_results("bench_sample", rows, device, out_dir))
     return 0
 
 

@@ -32,10 +32,12 @@ def stdit_flops(
     mlp_ratio: float = 4.0,
     pred_sigma: bool = True,
     llm_tokens: int = 0,
+    llm_channels: int | None = None,
     **_: object,
 ) -> StdItFlops:
     """Forward FLOPs for one sample. ``caption_tokens`` = T5 tokens attended to; ``llm_tokens`` > 0 adds the
-    LLM cross-attention of a grown model (same shape as the T5 one). Extra keyword arguments (e.g. a full
+    LLM cross-attention of a grown model (same shape as the T5 one) and its embedder (``llm_channels`` in,
+    default ``caption_channels``). Extra keyword arguments (e.g. a full
     STDiT config) are ignored so ``stdit_flops(**model.config)`` works."""
     C = hidden_size
     T = input_size[0] // patch_size[0]
@@ -55,6 +57,8 @@ def stdit_flops(
     attention = 2.0 * depth * per_block_attn
     patch = math.prod(patch_size)
     embed = N * in_channels * patch * C + 256 * C + C * C + C * 6 * C + caption_tokens * (caption_channels * C + C * C)
+    if llm_tokens:  # the LLM embedder: llm_channels -> C -> C on the LLM tokens
+        embed += llm_tokens * ((llm_channels or caption_channels) * C + C * C)
     final = N * C * patch * out_ch
     linear += 2.0 * (embed + final)
     return StdItFlops(linear=linear, attention=attention, total=linear + attention)
