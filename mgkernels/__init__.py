@@ -5,5 +5,6 @@ This package knows nothing of ``modelgrow``. Each fused op lives in its own file
 """
 
 from ._ext import build_info, ext_available, ext_error
+from .dispatch import use
 
-__all__ = ["build_info", "ext_available", "ext_error"]
+__all__ = ["build_info", "ext_available", "ext_error", "use"]

@@ -19,12 +19,20 @@ Both modes are one kernel family: a *group* is one attention sequence (``(b, t)`
 temporal); group ``g`` of batch ``b`` holds tokens ``n = g*GS + i*IS`` for ``i < L`` with
 ``(G, L, GS, IS) = (T, S, S, 1)`` spatial and ``(S, T, 1, S)`` temporal.
 
-Algorithm: flash-attention-2. The forward saves ``lse: [B, H, T*S]`` (fp32, natural log, indexed by token);
-the backward computes ``delta = rowsum(dO * O)`` (preprocess kernel), then a dK/dV kernel (loop over query
-blocks) and a dQ kernel (loop over key blocks) -- deterministic, no atomics. When a whole sequence fits
-one tile (temporal mode with ``T <= 32``, ``T <= 16`` for fp32; small frames) a single fused backward kernel
-computes delta, dQ, dK and dV of a group-head at once (one launch, q/k/v/o/dO read once). fp32 accumulation; fp32/fp16/bf16 inputs (float64 and other dtypes use the
-PyTorch reference).
+Algorithm: flash-attention-2. The forward saves ``lse: [B, H, T*S]`` (fp32, natural log, indexed by token).
+Sequences longer than a packed tile (spatial, S = 256) take the flash loop over key blocks; the backward
+computes ``delta = rowsum(dO * O)`` (a small kernel), then a dK/dV kernel (loop over query blocks) and a dQ
+kernel (loop over key blocks) -- deterministic, no atomics. Short sequences (temporal, T <= 64; <= 32 in
+fp32) are *packed*: several sequences share one 64-row tile under a block-diagonal mask, so the matmuls run
+on wgmma and there are 4-8x fewer programs; one fused backward kernel then computes delta, dQ, dK and dV of
+a packed tile (q/k/v/o/dO read once). The head dim is split into power-of-two parts (72 = 64 + 16, see
+:mod:`mgkernels._tiles`) and row strides are passed so that 16-byte alignment is visible to the compiler.
+fp32 accumulation; fp32/fp16/bf16 inputs (float64 and other dtypes use the PyTorch reference).
+
+Machine code (``bench/results/sm90-aot/compile_report.md``, enforced by ``tests/test_sm90_compile.py``):
+at STDiT-XL/2 shapes in bf16/fp16 every kernel is spill-free, loads q/k/v/o/dO with 128-bit accesses
+(cp.async-pipelined in the flash loops), runs its matmuls as HGMMA (wgmma) and fits 3-5 CTAs per SM.
+The same tile configurations run under the CPU interpreter in the tests.
 
 Dispatch (:mod:`mgkernels.dispatch`): ``triton`` or ``ref`` is chosen at run time inside the custom ops
 ``mgkernels::st_attention_fwd`` and ``mgkernels::st_attention_bwd``.
