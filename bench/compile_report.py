@@ -77,8 +77,8 @@ class Shapes:
 
 XL2 = Shapes()
 # the CI test's shapes: the same code paths as XL/2 (flash spatial tiles, packed temporal tiles, captions of
-# one and several key blocks), a small batch and 2 heads (nothing is allocated either way: meta tensors)
-SMALL = Shapes(B=2, T=16, S=256, H=2, D=72, captions=(120, 300))
+# one and several key blocks, hidden 1152), a batch of 2 (nothing is allocated either way: meta tensors)
+SMALL = Shapes(B=2, T=16, S=256, H=16, D=72, captions=(120, 300))
 
 
 def meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -328,7 +328,7 @@ def markdown(data: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--small", action="store_true", help="small shapes (the CI test): B=2, T=16, S=256, H=2, D=72")
+    ap.add_argument("--small", action="store_true", help="small shapes (the CI test): B=2, T=16, S=256, H=16, D=72")
     ap.add_argument("--batch", type=int, default=None, help="override B")
     ap.add_argument("--dtypes", default="bf16,fp16,fp32", help="comma list of bf16, fp16, fp32")
     ap.add_argument("--out", type=Path, default=RESULTS, help="output folder (compile_report.json / .md)")

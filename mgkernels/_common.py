@@ -69,14 +69,15 @@ def num_warps_for(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
 
-def row_tile(C: int, streams: int) -> dict:
-    """Tile of the row-wise (LayerNorm-style) kernels that load ``streams`` [B, N, C] tensors per row:
-    ROWS rows of BLOCK_C >= C columns per step, about 8K loaded elements per step and program (modulate's
-    forward at C = 1152: 4 rows of 2048, 4 x 2.3 KB in flight per program), 4 warps (128 threads: 64 loaded
-    elements, 8 128-bit loads, per thread and step). Chosen with the sm_90 compile report: no spills, 3-4
-    programs per SM, >= 27 KB loads in flight per SM (what an H100/H200 SM needs to stream at full speed)."""
+def row_tile(C: int, streams: int, esize: int = 2) -> dict:
+    """Tile of the row-wise (LayerNorm-style) kernels that load ``streams`` [B, N, C] tensors of ``esize``-byte
+    elements per row: ROWS rows of BLOCK_C >= C columns per step, about 16 KB loaded per step and program
+    (modulate's bf16 forward at C = 1152: 4 rows of 2048, 4 x 2.3 KB in flight), 4 warps (128 threads: eight
+    128-bit loads per thread and step). Chosen with the sm_90 compile report: no spills, 3-4 programs per
+    SM, >= 27 KB of loads in flight per SM (what an H100/H200 SM needs to stream at its share of the
+    bandwidth)."""
     block = 1 << max(0, int(C) - 1).bit_length()
-    rows = max(1, min(16, 8192 // (block * streams)))
+    rows = max(1, min(16, 16384 // (block * streams * esize)))
     return dict(ROWS=rows, BLOCK_C=block, num_warps=4 if block <= 4096 else 8)
 
 

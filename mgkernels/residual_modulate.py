@@ -25,9 +25,9 @@ from .dispatch import choose
 from .modulate import _reduce_to, ln_modulate_bwd_ref
 
 PROVIDERS = ("triton", "csrc", "ref")
-# resident programs per SM of the forward / backward kernels at C = 1152 (sm_90 compile report): the grids
-# are one full wave of that many programs per SM
-_FWD_PER_SM, _BWD_PER_SM = 4, 3
+# resident programs per SM of the forward / backward kernels at C = 1152 by element size (sm_90 compile
+# report): each grid is one full wave of that many programs per SM
+_PER_SM = {2: (4, 3), 4: (5, 2)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -192,8 +192,8 @@ def _fwd_triton(x, h, gate, shift, scale, eps):
     y = torch.empty_like(x_new)
     mean = torch.empty((B, N), dtype=torch.float32, device=x.device)
     rstd = torch.empty_like(mean)
-    tile = row_tile(C, streams=2)
-    chunks, rows = row_split(x, B, N, tile["ROWS"], per_sm=_FWD_PER_SM)
+    tile = row_tile(C, streams=2, esize=x.element_size())
+    chunks, rows = row_split(x, B, N, tile["ROWS"], per_sm=_PER_SM.get(x.element_size(), (4, 3))[0])
     _resmod_fwd_kernel[(B, chunks)](
         x, h, gate_t, shift, scale, x_new, y, mean, rstd,
         N, C, rows,
@@ -214,8 +214,8 @@ def _bwd_triton(dy, dxnew, h, gate, x_new, scale, mean, rstd):
     dxn_t = dxnew if dxnew is not None else dy
     dx = torch.empty((B, N, C), dtype=x_new.dtype, device=x_new.device)
     dh = torch.empty((B, N, C), dtype=h.dtype, device=h.device) if gate is not None else dx.new_empty(0)
-    tile = row_tile(C, streams=4)
-    chunks, rows = row_split(x_new, B, N, tile["ROWS"], per_sm=_BWD_PER_SM)
+    tile = row_tile(C, streams=4, esize=x_new.element_size())
+    chunks, rows = row_split(x_new, B, N, tile["ROWS"], per_sm=_PER_SM.get(x_new.element_size(), (4, 3))[1])
     parts = torch.empty((3, B, chunks, C), dtype=torch.float32, device=x_new.device)
     _resmod_bwd_kernel[(B, chunks)](
         dy, dxn_t, h, gate_t, x_new, scale, mean, rstd,

@@ -100,3 +100,11 @@ def test_temporal_attention_is_packed_not_per_sequence(report):
     for k in _tc(report):
         if k["op"].startswith("temporal attention"):
             assert k["programs"] * 4 <= per_sequence, (k["kernel"], k["programs"], per_sequence)
+
+
+def test_row_kernels_fill_exactly_one_wave(report):
+    """modulate / residual_modulate size their grid to the programs an SM holds (no half-empty second wave;
+    rounding the tokens per program up to whole row steps may leave a few slots empty at small batches)."""
+    for k in report["kernels"]:
+        if MODULATION.search(k["kernel"]):
+            assert 0.85 <= k["waves"] <= 1.0, f"{k['op']} {k['dtype']} {k['kernel']}: {k['waves']:.2f} waves"
