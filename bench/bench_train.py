@@ -243,7 +243,7 @@ def run_config(model: str, provider: str, ac: str, batch: int, device: torch.dev
         row.update(time_steps(step, device, args.steps))
         n_params = sum(p.numel() for p in trainer.model.parameters())
         mc = trainer.model.config
-        fl = stdit_flops(**mc, caption_tokens=cfg.model.model_max_length,
+        fl = stdit_flops(**mc, caption_tokens=cfg.model.stdit_kwargs()["model_max_length"],
                          llm_tokens=cfg.grow.llm_max_length if trainer.has_llm else 0).per_step(training=True)
         ms = row["ms_mean"]
         sps = batch / (ms * 1e-3)

@@ -5,9 +5,12 @@
     modelgrow train --config X.toml [--section.key v ...]              # or: torchrun --nproc_per_node N -m modelgrow train ...
     modelgrow export --ckpt IN --out DIR [--weights ema|raw] [--config X.toml] [--section.key v ...]
     modelgrow grow --ckpt IN --out OUT --strategy insert --ratio 1 [--llm 4096] [--section.key v ...]
+    modelgrow pipeline --transformer DIR --vae DIR --t5 DIR [--llm DIR] [--recaptioner DIR] --out DIR
     modelgrow sample --model PIPELINE_DIR --prompt "..." --out DIR [--sample.key v ...] [--no-accel]
     modelgrow cache --manifest M --out DIR --vae DIR --t5 DIR [--llm DIR] [...]
     modelgrow recaption --model DIR (--prompts-file F | --csv IN) --out OUT [--mode SL]
+    modelgrow recaption --videos MANIFEST.csv --vlm DIR --out OUT.csv   # caption the videos with a local VLM
+    modelgrow evaluate --videos DIR --out DIR [--dino DIR] [--clip DIR]  # VBench-style dimensions
     modelgrow demo [--out runs/demo] [--quick] [--fresh]   # the whole method end to end on synthetic videos
 """
 
@@ -18,6 +21,24 @@ import json
 import platform
 import sys
 from pathlib import Path
+
+
+TRAIN_HELP = """\
+Train or continue pre-training; options are config keys: --config FILE.toml, then --section.key VALUE overrides
+(list every key with its type, default and meaning: `modelgrow config --keys`; see the resolved config:
+`modelgrow config --config FILE.toml [overrides]`).
+
+Resume is automatic: with checkpoint.resume = true (the default) a run whose train.output_dir already holds
+checkpoints continues from the newest one (model, optimizer, EMA, step, data position, RNG) - bit-exactly.
+--checkpoint.resume false on such a directory is an error unless --checkpoint.overwrite true (start over).
+The architecture must match the run's checkpoints: changing a [model] or [grow] key (e.g. --grow.ratio) on an
+existing run is an error naming the keys; use a new --train.output_dir.
+Continual pre-training from weights only (no optimizer or step): --checkpoint.load_weights PATH
+(an Open-Sora .pth, .safetensors or pretrained dir; --checkpoint.strict false loads what fits).
+
+  modelgrow train --config configs/grow.toml --train.steps 1000 --train.output_dir runs/grow
+  torchrun --nproc_per_node 8 -m modelgrow train --config configs/grow.toml
+"""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +122,8 @@ def cmd_export(args: argparse.Namespace, overrides: list[str]) -> int:
 
     if (Path(args.ckpt) / "meta.json").exists() and (Path(args.ckpt) / ".metadata").exists():
         return _export_training_checkpoint(args)
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or directory")
     cfg = _load_cfg(args, overrides)
     kwargs = cfg.model.stdit_kwargs()
     if args.meta_load:
@@ -121,6 +144,8 @@ def _load_model_for(args: argparse.Namespace, cfg):
     from .models import STDiT, from_pretrained, load_checkpoint
     from .models.checkpoint import CONFIG_NAME
 
+    if not Path(args.ckpt).exists():
+        raise FileNotFoundError(f"--ckpt {args.ckpt}: no such file or directory")
     if Path(args.ckpt).is_dir() and (Path(args.ckpt) / CONFIG_NAME).exists():
         return from_pretrained(args.ckpt)
     model = STDiT(**cfg.model.stdit_kwargs())
@@ -145,10 +170,29 @@ def cmd_grow(args: argparse.Namespace, overrides: list[str]) -> int:
         model = add_llm_condition(model, g.llm_channels, g.llm_max_length, copy_t5=g.copy_t5_to_llm, per_head_gate=g.per_head_gate)
     after = (len(model.blocks), count_parameters(model))
     out = save_pretrained(model, args.out, extra={"source": str(args.ckpt)})
-    save_config(cfg, out / "modelgrow.toml")
+    save_config(_describe_model(cfg, model), out / "modelgrow.toml")
     print(f"depth {before[0]} -> {after[0]}, parameters {before[1]:,} -> {after[1]:,}")
     print(f"wrote {out}")
     return 0
+
+
+def _describe_model(cfg, model):
+    """``cfg`` with its [model] section set to what ``model`` is (preset matched by architecture, sizes
+    explicit), so a config saved beside a grown model describes that model, not the defaults."""
+    import dataclasses
+
+    from .models.zoo import PRESETS
+
+    c = model.config
+    arch = {k: c[k] for k in ("depth", "hidden_size", "num_heads")} | {"patch_size": tuple(c["patch_size"])}
+    preset = next((n for n, p in PRESETS.items() if all(p.get(k) == v for k, v in arch.items())), cfg.model.preset)
+    m = dataclasses.replace(cfg.model, preset=preset, depth=c["depth"], hidden_size=c["hidden_size"],
+                            num_heads=c["num_heads"], patch_size=tuple(c["patch_size"]), input_size=tuple(c["input_size"]),
+                            in_channels=c["in_channels"], caption_channels=c["caption_channels"],
+                            model_max_length=c["model_max_length"], mlp_ratio=c["mlp_ratio"])
+    g = dataclasses.replace(cfg.grow, llm=bool(c.get("llm_channels")), llm_channels=c.get("llm_channels") or cfg.grow.llm_channels,
+                            llm_max_length=c.get("llm_max_length") or cfg.grow.llm_max_length)
+    return dataclasses.replace(cfg, model=m, grow=g)
 
 
 def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -174,7 +218,19 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     requested()  # a bad MG_KERNELS is an error here, before anything is loaded or sampled
     out_dir = Path(args.out)
     _check_writable(out_dir, "--out")
-    pipe = ModelGrowPipeline.from_pretrained(args.model, device=args.device, accelerate_model=not args.no_accel)
+    if not Path(args.model).is_dir():
+        raise FileNotFoundError(f"--model {args.model}: no such pipeline directory")
+    # the recaptioner LLM is loaded only when it is used
+    skip = {} if args.recaption else {"recaptioner": None, "recaptioner_tokenizer": None}
+    if (Path(args.model) / "model_index.json").exists():
+        pipe = ModelGrowPipeline.from_pretrained(args.model, device=args.device, accelerate_model=not args.no_accel, **skip)
+    else:  # an older pipeline.json directory
+        pipe = ModelGrowPipeline.from_pretrained(args.model, device=args.device, accelerate_model=not args.no_accel)
+    # sizes, sampler, steps, guidance and prompt mode: the pipeline's own unless given (file or --sample.KEY)
+    given = _given_keys(args, overrides, "sample")
+    pick = {k: getattr(sc, k) if k in given else None for k in
+            ("num_frames", "height", "width", "num_sampling_steps", "sampler", "cfg_scale_t5", "cfg_scale_llm", "prompt_mode")}
+    fps = sc.fps if "fps" in given else pipe.settings["fps"]
     empty = pipe.empty_after_cleaning(prompts) if not args.recaption else []
     if empty and not args.allow_empty_prompt:
         raise ValueError(f"{len(empty)} prompt(s) are empty after the T5 caption cleaning (non-Latin text is removed): "
@@ -187,15 +243,16 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
         batch = prompts[start : start + bs]
         seed = sc.seed + start  # one seed per forward batch (sample.batch_size = 1: sample.seed + prompt index)
         with use("ref") if args.no_accel else nullcontext():  # --no-accel: the PyTorch reference path
-            res = pipe(batch, negative_prompt=args.negative_prompt, num_frames=sc.num_frames, height=sc.height,
-                       width=sc.width, num_inference_steps=sc.num_sampling_steps, sampler=sc.sampler,
-                       guidance_scale=sc.cfg_scale_t5, llm_guidance_scale=sc.cfg_scale_llm, prompt_mode=sc.prompt_mode,
-                       recaption=args.recaption, generator=torch.Generator().manual_seed(seed))
+            res = pipe(batch, negative_prompt=args.negative_prompt, num_frames=pick["num_frames"], height=pick["height"],
+                       width=pick["width"], num_inference_steps=pick["num_sampling_steps"], sampler=pick["sampler"],
+                       guidance_scale=pick["cfg_scale_t5"], llm_guidance_scale=pick["cfg_scale_llm"],
+                       prompt_mode=pick["prompt_mode"], recaption=args.recaption,
+                       generator=torch.Generator().manual_seed(seed))
         for j, prompt in enumerate(batch):
             i = start + j
             stem = f"{i:03d}-" + (re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "prompt")
             frames = res.videos[j]
-            video = write_video(out_dir / f"{stem}.mp4", frames, fps=sc.fps)
+            video = write_video(out_dir / f"{stem}.mp4", frames, fps=fps)
             strip = write_png(out_dir / f"{stem}.png", keyframe_strip(frames, n=4))
             records.append({"prompt": prompt, "model_prompt": res.prompts[j], "seed": res.seed, "batch_size": len(batch),
                             "video": video.name, "keyframes": strip.name, **res.settings})
@@ -203,6 +260,45 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
     with open(out_dir / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     return 0
+
+
+def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Assemble a diffusers pipeline directory from component directories."""
+    from .models import from_pretrained
+    from .pipeline import ModelGrowPipeline
+    from .text import LLMEncoder, Recaptioner, T5Encoder
+    from .vae import VideoVAE
+
+    for flag in ("transformer", "vae", "t5", "llm", "recaptioner"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_dir():
+            raise FileNotFoundError(f"--{flag} {path}: no such directory")
+    _check_writable(Path(args.out).parent if Path(args.out).parent != Path("") else Path("."), "--out")
+    model = from_pretrained(args.transformer)
+    vae = VideoVAE.from_pretrained(args.vae, micro_batch_size=args.vae_micro_batch_size)
+    t5 = T5Encoder(str(args.t5), max_length=args.t5_max_length or model.config["model_max_length"], device="cpu")
+    llm = None
+    if args.llm is not None:
+        llm = LLMEncoder(str(args.llm), max_length=args.llm_max_length or model.config.get("llm_max_length", 120), device="cpu")
+    recap = Recaptioner(str(args.recaptioner), device="cpu") if args.recaptioner is not None else None
+    config = {"sampler": args.sampler, "num_inference_steps": args.steps}
+    pipe = ModelGrowPipeline(model, vae, t5, llm, recap, config=config)
+    out = pipe.save_pretrained(args.out)
+    print(f"wrote {out} (components: {', '.join(k for k, v in pipe.components.items() if v is not None)}; "
+          f"sampler {args.sampler}, {args.steps} steps)")
+    return 0
+
+
+def _given_keys(args: argparse.Namespace, overrides: list[str], section: str) -> set[str]:
+    """The keys of ``section`` the user set, in the --config file or as --section.key overrides."""
+    import tomllib
+
+    from .config import parse_overrides
+
+    keys = set(parse_overrides(overrides).get(section, {}))
+    if args.config is not None and Path(args.config).exists():
+        keys |= set(tomllib.loads(Path(args.config).read_text(encoding="utf-8")).get(section, {}))
+    return keys
 
 
 def _check_writable(out_dir: Path, what: str) -> None:
@@ -224,7 +320,10 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="modelgrow", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"modelgrow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("env", help="print versions, devices and which kernel providers are available")
@@ -248,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training checkpoints: export the EMA (default) or the raw weights (recorded in config.json)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("train", help="train / continue pre-training (alone or under torchrun)")
+    p = sub.add_parser("train", help="train / continue pre-training (alone or under torchrun)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, description=TRAIN_HELP)
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 
@@ -278,13 +378,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample prompts the T5 cleaning reduces to nothing (e.g. non-Latin text) unconditionally")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("pipeline", help="assemble a pipeline directory (diffusers layout) from component directories")
+    p.add_argument("--transformer", type=Path, required=True, help="pretrained STDiT dir (modelgrow export / grow / train export)")
+    p.add_argument("--vae", type=Path, required=True, help="diffusers AutoencoderKL dir")
+    p.add_argument("--t5", type=Path, required=True, help="T5 encoder dir (model + tokenizer)")
+    p.add_argument("--llm", type=Path, default=None, help="causal-LM dir for the LLM condition (a grown model with --llm)")
+    p.add_argument("--recaptioner", type=Path, default=None, help="instruct-LM dir for --recaption")
+    p.add_argument("--out", type=Path, required=True, help="output pipeline directory")
+    p.add_argument("--sampler", default="iddpm", choices=["iddpm", "ddim", "dpm-solver", "euler"], help="default scheduler")
+    p.add_argument("--steps", type=int, default=100, help="default number of inference steps")
+    p.add_argument("--t5-max-length", type=int, default=None, help="T5 tokens (default: the transformer's model_max_length)")
+    p.add_argument("--llm-max-length", type=int, default=None, help="LLM tokens (default: the transformer's llm_max_length)")
+    p.add_argument("--vae-micro-batch-size", type=int, default=4, help="frames per VAE call")
+    p.set_defaults(func=cmd_pipeline)
+
     sub.add_parser("cache", add_help=False,
                    help="pre-encode VAE latents and T5 (+ LLM) states into safetensors shards (see: modelgrow cache --help)")
     sub.add_parser("recaption", add_help=False,
                    help="rewrite short prompts into detailed ones with a local instruct LLM (see: modelgrow recaption --help)")
+    sub.add_parser("evaluate", add_help=False,
+                   help="score videos: flickering, dynamic degree, DINO/CLIP consistency, CLIP score (see: modelgrow evaluate --help)")
 
-    p = sub.add_parser("demo", help="the whole method end to end on synthetic videos (CPU minutes; --quick: seconds)")
-    p.set_defaults(func=cmd_demo)
+    sub.add_parser("demo", add_help=False, help="the whole method end to end on synthetic videos (CPU minutes; "
+                   "--quick: seconds; see: modelgrow demo --help)")
     return parser
 
 
@@ -292,9 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] in (["recaption"], ["cache"]):  # commands with their own argument parsers
+    if argv[:1] == ["demo"]:  # its own argument parser (modelgrow demo --help lists --out, --quick, --fresh, --stages)
+        from .demo import main as demo_main
+
+        return demo_main(argv[1:])
+    if argv[:1] in (["recaption"], ["cache"], ["evaluate"]):  # commands with their own argument parsers
         if argv[0] == "recaption":
             from .text.recaption import main as command
+        elif argv[0] == "evaluate":
+            from .evaluate.run import main as command
         else:
             from .data.cache import main as command
         from .data.loader import TooManyDecodeFailures
@@ -311,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
             rest += [f"--grow.{key}", str(getattr(args, short))]
     if getattr(args, "_llm", None) is not None:
         rest += ["--grow.llm", "true", "--grow.llm_channels", str(args._llm)]
-    if rest and args.command not in ("config", "export", "grow", "sample", "train", "demo"):
+    if rest and args.command not in ("config", "export", "grow", "sample", "train"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)
@@ -319,7 +441,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modelgrow {args.command}: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # checkpoint mismatches and other bad input
-        print(f"modelgrow {args.command}: error: {e}", file=sys.stderr)
+        msg = str(e)
+        if "pass strict=False" in msg:  # name the command-line flag, not the Python argument
+            flag = "--no-strict" if args.command in ("export", "grow") else "--checkpoint.strict false"
+            msg = msg.replace("pass strict=False", f"pass {flag}")
+        print(f"modelgrow {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # NaN/inf loss, training state or samples: nothing was written
         print(f"modelgrow {args.command}: error: {e}", file=sys.stderr)

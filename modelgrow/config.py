@@ -47,6 +47,7 @@ def _check_finite(obj: Any, section: str) -> None:
                 _check(math.isfinite(x), f"{section}.{f.name}", f"must be a finite number, got {x!r}")
 
 
+MODEL_SIZE_FALLBACKS: dict[str, Any] = {"input_size": (16, 32, 32), "caption_channels": 4096, "model_max_length": 120}
 MAX_GROW_RATIO = 16  # growth beyond k = 16 (17x the depth) is a typo, not an experiment
 
 
@@ -57,11 +58,11 @@ class ModelConfig:
     hidden_size: int | None = _f(None, "transformer width (default: the preset's)")
     num_heads: int | None = _f(None, "attention heads (default: the preset's)")
     patch_size: tuple[int, int, int] | None = _f(None, "(t, h, w) patch size (default: the preset's)")
-    input_size: tuple[int, int, int] = _f((16, 32, 32), "latent (T, H, W): 16 frames at 256x256 after the 8x VAE")
+    input_size: tuple[int, int, int] | None = _f(None, "latent (T, H, W) (default: the preset's, else 16,32,32 = 16 frames at 256x256 after the 8x VAE)")
     in_channels: int = _f(4, "latent channels")
     mlp_ratio: float = _f(4.0, "MLP hidden width / hidden size")
-    caption_channels: int = _f(4096, "T5 hidden size (4096 for T5-v1.1-XXL)")
-    model_max_length: int = _f(120, "caption tokens (T5 max length)")
+    caption_channels: int | None = _f(None, "T5 hidden size (default: the preset's, else 4096 for T5-v1.1-XXL)")
+    model_max_length: int | None = _f(None, "caption tokens, the T5 max length (default: the preset's, else 120)")
     class_dropout_prob: float = _f(0.1, "probability of replacing the T5 caption by the null caption in training")
     pred_sigma: bool = _f(True, "predict the variance too (learned-range IDDPM): out_channels = 2 * in_channels")
     drop_path: float = _f(0.0, "stochastic depth rate of the last block (linear from 0)")
@@ -75,7 +76,8 @@ class ModelConfig:
         from .models.zoo import PRESETS
 
         _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
-        _check(all(v > 0 for v in self.input_size), "model.input_size", f"must be positive, got {self.input_size}")
+        _check(self.input_size is None or all(v > 0 for v in self.input_size), "model.input_size",
+               f"must be positive, got {self.input_size}")
         _check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "model.dtype", f"unknown dtype {self.dtype!r}")
         _check(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
         _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
@@ -95,12 +97,13 @@ class ModelConfig:
         for name in ("depth", "hidden_size", "num_heads", "patch_size"):
             if getattr(self, name) is not None:
                 kw[name] = getattr(self, name)
+        # sizes the preset brings (the tiny presets do) stay unless set explicitly
+        for name, fallback in MODEL_SIZE_FALLBACKS.items():
+            v = getattr(self, name)
+            kw[name] = tuple(v) if isinstance(v, (list, tuple)) else v if v is not None else kw.get(name, fallback)
         kw.update(
-            input_size=self.input_size,
             in_channels=self.in_channels,
             mlp_ratio=self.mlp_ratio,
-            caption_channels=self.caption_channels,
-            model_max_length=self.model_max_length,
             class_dropout_prob=self.class_dropout_prob,
             pred_sigma=self.pred_sigma,
             drop_path=self.drop_path,
@@ -167,6 +170,9 @@ class OptimConfig:
     eps: float = _f(1e-8, "AdamW epsilon")
     grad_clip: float = _f(1.0, "global gradient-norm clip (0 = off)")
     warmup_steps: int = _f(0, "linear learning-rate warm-up steps")
+    decay_steps: int = _f(0, "cosine learning-rate decay to min_lr_ratio * lr over this many steps after the "
+                             "warm-up, then constant (0 = no decay: constant after the warm-up)")
+    min_lr_ratio: float = _f(0.0, "final learning rate of the cosine decay, as a fraction of lr")
     fused: bool = _f(True, "use the fused AdamW implementation where available")
 
     def __post_init__(self) -> None:
@@ -175,6 +181,8 @@ class OptimConfig:
         _check(self.weight_decay >= 0 and self.grad_clip >= 0 and self.warmup_steps >= 0, "optim", "weight_decay, grad_clip and warmup_steps must be >= 0")
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
         _check(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _check(self.decay_steps >= 0, "optim.decay_steps", f"must be >= 0, got {self.decay_steps}")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """modelgrow.diffusion against an independent float64 implementation of the IDDPM formulas (written here,
-not imported from the package), plus the respacing, the fast samplers and the guidance wrappers."""
+not imported from the package), plus the respacing, the samplers (diffusers schedulers, checked against
+float64 reference DDIM / DPM-Solver++(2M) loops written here) and the guidance wrappers."""
 
 import math
 
@@ -15,9 +16,7 @@ from modelgrow.diffusion import (
     ModelVarType,
     SpacedDiffusion,
     cfg_model_fn,
-    ddim_sample,
     discretized_gaussian_log_likelihood,
-    dpm_solver_pp_sample,
     get_sampler,
     normal_kl,
     space_timesteps,
@@ -34,9 +33,10 @@ RTOL = 1e-5
 
 class Ref:
     """The IDDPM schedule in float64 for the kept original steps ``kept`` (all 1000 by default). Open-Sora
-    v1.0 stores the re-derived betas as float32 (``torch.FloatTensor``), hence ``f32_betas``."""
+    v1.0.0 keeps the re-derived betas float64 (``np.array(new_betas)``); v1.1 rounds them to float32
+    (``torch.FloatTensor``): ``f32_betas=True``."""
 
-    def __init__(self, kept=None, T=1000, f32_betas=True):
+    def __init__(self, kept=None, T=1000, f32_betas=False):
         base_betas = np.linspace(0.0001 * 1000 / T, 0.02 * 1000 / T, T, dtype=np.float64)
         base_ac = np.cumprod(1.0 - base_betas)
         self.kept = sorted(range(T) if kept is None else kept)
@@ -294,7 +294,20 @@ def test_spaced_betas_reproduce_alphas_cumprod(f32):
     np.testing.assert_allclose(sp.alphas_cumprod, base.alphas_cumprod[sorted(kept)], rtol=2e-6)
     if f32:
         np.testing.assert_array_equal(sp.betas, sp.betas.astype(np.float32).astype(np.float64))
+        np.testing.assert_array_equal(sp.betas, IDDPM(num_sampling_steps=100, float32_betas=True).betas)
+    else:
         np.testing.assert_array_equal(sp.betas, IDDPM(num_sampling_steps=100).betas)
+
+
+def test_iddpm_default_is_open_sora_v1_0_float64_betas():
+    """v1.0.0's respace.py: ``np.array(new_betas)`` (float64); the float32 rounding arrived with v1.1."""
+    kept = space_timesteps(1000, "100")
+    v10 = IDDPM(num_sampling_steps=100)
+    np.testing.assert_array_equal(v10.betas, Ref(kept).betas)  # bit-exact float64 re-derivation
+    v11 = IDDPM(num_sampling_steps=100, float32_betas=True)
+    np.testing.assert_array_equal(v11.betas, Ref(kept, f32_betas=True).betas)
+    diff = np.abs(v10.betas - v11.betas).max()
+    assert 1e-9 < diff < 1e-7  # the v1.1 rounding is real and small (about 2.7e-8)
 
 
 def test_iddpm_factory():
@@ -338,7 +351,47 @@ def test_p_sample_loop_matches_reference_chain(capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# fast samplers
+# fast samplers: diffusers' schedulers against float64 reference DDIM / DPM-Solver++(2M) loops
+
+
+def _ref_ts(steps, T=1000):
+    """The trailing grid, descending: [T-1, ..., T/steps - 1]."""
+    return [round(T - i * T / steps) - 1 for i in range(steps)]
+
+
+# Both loops are modelgrow's former hand-written samplers (float32 state, float64 coefficients), kept here as
+# the yardstick the diffusers schedulers that replaced them are held to.
+
+
+def ref_ddim(model, noise, steps):
+    """DDIM (eta = 0) over the trailing grid, stepping to the next grid timestep, then to x0."""
+    ab = Ref().base_ac
+    ts, x = _ref_ts(steps), noise
+    for i, t in enumerate(ts):
+        eps = model(x, torch.full((x.shape[0],), t))[:, : x.shape[1]]
+        x0 = (x - math.sqrt(1 - ab[t]) * eps) / math.sqrt(ab[t])
+        x = x0 if i + 1 == len(ts) else math.sqrt(ab[ts[i + 1]]) * x0 + math.sqrt(1 - ab[ts[i + 1]]) * eps
+    return x
+
+
+def ref_dpm_solver_pp_2m(model, noise, steps):
+    """DPM-Solver++(2M): x_s = (sigma_s / sigma_t) x - alpha_s expm1(-h) D, D = x0 at the first
+    step, (1 + 1/2r) x0 - 1/2r x0_prev after; the last step jumps to x0 (sigma = 0)."""
+    ab = Ref().base_ac
+    alpha, sigma = np.sqrt(ab), np.sqrt(1 - ab)
+    lam = np.log(alpha) - np.log(sigma)
+    ts, x, prev, h_prev = _ref_ts(steps), noise, None, None
+    for i, t in enumerate(ts):
+        eps = model(x, torch.full((x.shape[0],), t))[:, : x.shape[1]]
+        x0 = (x - float(sigma[t]) * eps) / float(alpha[t])
+        if i + 1 == len(ts):
+            return x0
+        s = ts[i + 1]
+        h = float(lam[s] - lam[t])
+        d = x0 if prev is None else (1 + 1 / (2 * h_prev / h)) * x0 - 1 / (2 * h_prev / h) * prev
+        x = float(sigma[s] / sigma[t]) * x - float(alpha[s] * np.expm1(-h)) * d
+        prev, h_prev = x0, h
+    return x
 
 
 class TrueEps:
@@ -350,21 +403,31 @@ class TrueEps:
 
     def __call__(self, x, t, **kwargs):
         self.calls.append(t.clone())
-        ab = self.ab[t].view(-1, *([1] * (x.ndim - 1)))
+        ab = self.ab[t.long()].view(-1, *([1] * (x.ndim - 1)))
         eps = ((x.double() - ab.sqrt() * self.x0) / (1 - ab).sqrt()).float()
         return torch.cat([eps, torch.full_like(eps, 1e6)], 1) if self.learn_sigma else eps
 
 
-@pytest.mark.parametrize("sampler", [ddim_sample, dpm_solver_pp_sample])
-@pytest.mark.parametrize("steps", [1, 7, 20, 50])
-def test_fast_samplers_recover_known_x0(sampler, steps):
+# diffusers' DDIM steps from t to t - 1000 // steps, on the trailing grid only when steps divides 1000 (its
+# documented behaviour, kept: modelgrow uses diffusers' scheduler as it is); DPM-Solver++ follows any grid.
+@pytest.mark.parametrize("name,steps", [("ddim", 1), ("ddim", 8), ("ddim", 20), ("ddim", 50), ("dpm-solver", 1),
+                                        ("dpm-solver", 7), ("dpm-solver", 20), ("dpm-solver", 50)])
+def test_fast_samplers_recover_known_x0(name, steps):
     x0 = torch.randn(SHAPE)
     model = TrueEps(x0)
-    out = sampler(model, SHAPE, steps, noise=torch.randn(SHAPE))
+    sample = get_sampler(name, steps)
+    assert type(sample.scheduler).__module__.startswith("diffusers.")  # diffusers' own scheduler, not a copy
+    out = sample(model, SHAPE, noise=torch.randn(SHAPE))
     _close(out, x0, rtol=1e-4, atol=1e-4)
     ts = [int(c[0]) for c in model.calls]
     assert len(ts) == steps and ts[0] == 999 and all(c.dtype == torch.long for c in model.calls)
-    assert ts == [round(1000 - i * 1000 / steps) - 1 for i in range(steps)]  # trailing spacing
+    assert ts == _ref_ts(steps)  # trailing spacing
+
+
+def test_euler_scheduler_swaps_in():
+    x0 = torch.randn(SHAPE)
+    out = get_sampler("euler", 10)(TrueEps(x0), SHAPE, noise=torch.randn(SHAPE))
+    _close(out, x0, rtol=1e-3, atol=1e-3)
 
 
 class GaussianData:
@@ -378,7 +441,7 @@ class GaussianData:
         self.ab = torch.from_numpy(Ref(f32_betas=False).base_ac)
 
     def __call__(self, x, t, **kwargs):
-        ab = self.ab[t].view(-1, *([1] * (x.ndim - 1)))
+        ab = self.ab[t.long()].view(-1, *([1] * (x.ndim - 1)))
         eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab)
         return torch.cat([eps, torch.zeros_like(eps)], 1).float()
 
@@ -387,32 +450,111 @@ class GaussianData:
         return self.mu + self.s * (xT.double() - ab.sqrt() * self.mu) / (ab * self.s**2 + 1 - ab).sqrt()
 
 
+class Nonlinear:
+    """A deterministic, non-linear, timestep-dependent eps (unlike the exact models above, every sampler
+    step matters)."""
+
+    def __call__(self, x, t, **kwargs):
+        tt = t.float().view(-1, *([1] * (x.ndim - 1)))
+        eps = torch.tanh(0.8 * x + torch.sin(tt / 150)) + 0.1 * x
+        return torch.cat([eps, torch.zeros_like(eps)], 1)
+
+
+@pytest.mark.parametrize("name,ref", [("ddim", ref_ddim), ("dpm-solver", ref_dpm_solver_pp_2m)])
+@pytest.mark.parametrize("steps", [1, 4, 10, 20, 50, 100])
+def test_diffusers_schedulers_match_the_reference_samplers(name, ref, steps):
+    """diffusers' DDIMScheduler / DPMSolverMultistepScheduler give the former samplers' numbers (float32
+    rounding apart: the 1/sqrt(alpha_bar_999) = 158 of the first x0 estimate amplifies it)."""
+    xT = torch.randn(SHAPE, generator=torch.Generator().manual_seed(steps))
+    for model in (Nonlinear(), GaussianData()):
+        want = ref(model, xT, steps)
+        got = get_sampler(name, steps)(model, SHAPE, noise=xT)
+        err = (got - want).abs().max().item()
+        # one step is the x0 estimate alone: float32 rounding of x - sigma eps (|x| ~ 1) times 158
+        tol = 1e-4 if steps == 1 else 2e-6 * want.abs().max().item()
+        assert err < tol, (name, steps, err)
+
+
+def test_dpm_solver_matches_reference_on_any_grid_and_ddim_on_divisors():
+    """DPM-Solver++ steps between grid timesteps; diffusers' DDIM steps to t - T // steps, which is the next
+    grid timestep only when steps divides T (7 steps: 999 -> 857 where the grid has 856)."""
+    xT = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    m = Nonlinear()
+    want = ref_dpm_solver_pp_2m(m, xT, 7)
+    assert ((get_sampler("dpm-solver", 7)(m, SHAPE, noise=xT) - want).abs().max() / want.abs().max()) < 2e-6
+    want = ref_ddim(m, xT, 7)
+    assert ((get_sampler("ddim", 7)(m, SHAPE, noise=xT) - want).abs().max() / want.abs().max()) > 1e-4
+
+
 def test_fast_samplers_solve_the_ode():
     model, xT = GaussianData(), torch.randn(SHAPE)
     exact = model.exact(xT)
 
-    def err(sampler, steps):
-        return (sampler(model, SHAPE, steps, noise=xT).double() - exact).abs().max().item()
+    def err(name, steps):
+        return (get_sampler(name, steps)(model, SHAPE, noise=xT).double() - exact).abs().max().item()
 
-    e_dpm20, e_dpm50 = err(dpm_solver_pp_sample, 20), err(dpm_solver_pp_sample, 50)
-    e_ddim20, e_ddim50 = err(ddim_sample, 20), err(ddim_sample, 50)
+    e_dpm20, e_dpm50 = err("dpm-solver", 20), err("dpm-solver", 50)
+    e_ddim20, e_ddim50 = err("ddim", 20), err("ddim", 50)
     # (seeded: about 0.074 / 0.0019 for DPM-Solver++, 0.23 / 0.098 for DDIM; data std 0.5)
     assert e_dpm20 < 0.15 and e_dpm50 < 5e-3 and e_ddim50 < 0.2
     assert 1.8 < e_ddim20 / e_ddim50 < 3.5  # DDIM: first order (the error ~ 1 / steps)
     assert e_dpm20 / e_dpm50 > 10  # DPM-Solver++(2M): second order, then the first-order last jump
     assert e_dpm20 < e_ddim20 and e_dpm50 < e_ddim50
-    a = ddim_sample(model, SHAPE, 50, noise=xT)
-    b = dpm_solver_pp_sample(model, SHAPE, 20, noise=xT)
-    _close(a, b, rtol=0, atol=0.2)
 
 
 def test_fast_samplers_deterministic_and_progress(capsys):
     model, noise = LinearFake(), torch.randn(SHAPE)
-    for sampler in (ddim_sample, dpm_solver_pp_sample):
-        a = sampler(model, SHAPE, 5, noise=noise, progress=True)
-        b = sampler(model, SHAPE, 5, noise=noise)
+    for name in ("ddim", "dpm-solver"):
+        a = get_sampler(name, 5)(model, SHAPE, noise=noise, progress=True)
+        b = get_sampler(name, 5)(model, SHAPE, noise=noise)
         assert torch.equal(a, b) and torch.isfinite(a).all()
     assert "5/5" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# IDDPM as a diffusers scheduler
+
+
+@pytest.mark.parametrize("steps", [2, 10, 25])
+def test_iddpm_scheduler_is_p_sample_loop_bit_for_bit(steps):
+    from diffusers import SchedulerMixin
+
+    from modelgrow.diffusion import IDDPMScheduler, denoise
+
+    shape = (2, 4, 2, 3, 3)
+    noise = torch.randn(shape)
+    torch.manual_seed(123)
+    want = IDDPM(num_sampling_steps=steps).p_sample_loop(LinearFake(), shape, noise=noise, clip_denoised=False)
+    sched = IDDPMScheduler()
+    assert isinstance(sched, SchedulerMixin)
+    torch.manual_seed(123)
+    got = denoise(sched, LinearFake(), noise, steps)
+    assert torch.equal(got, want)
+    assert sched.timesteps.tolist() == sorted(space_timesteps(1000, str(steps)), reverse=True)
+    # the v1.1 rounding of the respaced betas is a config switch; it changes the numbers
+    torch.manual_seed(123)
+    v11 = denoise(IDDPMScheduler(float32_betas=True), LinearFake(), noise, steps)
+    assert not torch.equal(v11, want)
+    # with a generator the per-step noise comes from it (reproducible, the global RNG untouched)
+    state = torch.get_rng_state()
+    g1 = denoise(sched, LinearFake(), noise, steps, generator=torch.Generator().manual_seed(5))
+    g2 = denoise(sched, LinearFake(), noise, steps, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(g1, g2) and torch.equal(torch.get_rng_state(), state)
+
+
+def test_iddpm_scheduler_save_load_and_swap(tmp_path):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from modelgrow.diffusion import IDDPMScheduler, make_scheduler
+
+    s = IDDPMScheduler(float32_betas=True)
+    s.save_pretrained(tmp_path / "sched")
+    back = IDDPMScheduler.from_pretrained(tmp_path / "sched")
+    assert back.config.float32_betas is True and back.config.variance_type == "learned_range"
+    dpm = DPMSolverMultistepScheduler.from_config(make_scheduler("dpm-solver").config)
+    assert dpm.config.algorithm_type == "dpmsolver++" and dpm.config.timestep_spacing == "trailing"
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_scheduler("heun-nonexistent")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -494,4 +636,4 @@ def test_get_sampler_with_guidance(name):
     if name != "iddpm":
         assert torch.equal(out[:B], out[B:])
     with pytest.raises(ValueError):
-        get_sampler("euler", 5)
+        get_sampler("no-such-sampler", 5)

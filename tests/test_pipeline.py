@@ -89,7 +89,7 @@ def test_bad_inputs(parts):
     with pytest.raises(ValueError, match="non-empty"):
         pipe([""], num_frames=3, height=32, width=32, progress=False)
     with pytest.raises(ValueError, match="needs an llm_encoder"):
-        ModelGrowPipeline(_pipe(parts, llm=True).transformer, pipe.vae, pipe.text_encoder)
+        ModelGrowPipeline(_pipe(parts, llm=True).transformer, pipe.vae, pipe.text_encoder, tokenizer=pipe.tokenizer)
 
 
 def test_save_load_round_trip_and_sample_cli(parts, tmp_path):
@@ -114,3 +114,100 @@ def test_save_load_round_trip_and_sample_cli(parts, tmp_path):
     meta = [json.loads(line) for line in (tmp_path / "samples" / "samples.jsonl").read_text().splitlines()]
     assert [m["prompt"] for m in meta] == ["a red square", "a green triangle moving up"]
     assert all(m["seed"] == 5 + i for i, m in enumerate(meta))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# diffusers-native: DiffusionPipeline.from_pretrained, swappable schedulers, diffusers' call arguments, offload
+
+
+def test_diffusion_pipeline_from_pretrained_and_scheduler_swap(parts, tmp_path):
+    from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, ModelMixin
+
+    from modelgrow.diffusion import IDDPMScheduler, make_scheduler
+
+    pipe = _pipe(parts, llm=True, steps=3, sampler="ddim")
+    assert isinstance(pipe, DiffusionPipeline) and isinstance(pipe.transformer, ModelMixin)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    pipe.save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    assert index["_class_name"] == "ModelGrowPipeline"
+    assert index["transformer"] == ["modelgrow.models.stdit", "STDiT"] and index["vae"][1] == "AutoencoderKL"
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"] and index["defaults"]["num_inference_steps"] == 3
+    back = DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(back) is ModelGrowPipeline and back.settings["t5_max_length"] == 8 and back.settings["llm_max_length"] == 6
+    kw = dict(progress=False, output_type="latent")
+    a = pipe("a dog", generator=torch.Generator().manual_seed(3), **kw).videos
+    b = back("a dog", generator=torch.Generator().manual_seed(3), **kw).videos
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # swap the scheduler the diffusers way: DPM-Solver++ gives other numbers, IDDPM too
+    back.scheduler = DPMSolverMultistepScheduler.from_config(make_scheduler("dpm-solver").config)
+    c = back("a dog", generator=torch.Generator().manual_seed(3), **kw)
+    assert c.settings["sampler"] == "dpm-solver" and not torch.allclose(c.videos, a)
+    back.scheduler = IDDPMScheduler()
+    d = back("a dog", generator=torch.Generator().manual_seed(3), **kw)
+    assert d.settings["sampler"] == "iddpm" and torch.isfinite(d.videos).all()
+    back.save_pretrained(tmp_path / "pipe2")  # the IDDPM scheduler saves and loads as a component
+    assert type(DiffusionPipeline.from_pretrained(tmp_path / "pipe2").scheduler) is IDDPMScheduler
+
+
+def test_call_arguments_the_diffusers_way(parts):
+    pipe = _pipe(parts, llm=False, steps=2)
+    kw = dict(progress=False, output_type="latent")
+    # sizes default to the transformer's (3 frames, 4x4 latent = 32x32 pixels)
+    out = pipe("a dog", progress=False)
+    assert out.videos[0].shape == (3, 32, 32, 3) and out.settings["num_frames"] == 3
+    # one generator advances: the same generator twice gives two different videos; a fresh one repeats
+    g = torch.Generator().manual_seed(11)
+    first, second = pipe("a dog", generator=g, **kw).videos, pipe("a dog", generator=g, **kw).videos
+    assert not torch.equal(first, second)
+    assert torch.equal(pipe("a dog", generator=torch.Generator().manual_seed(11), **kw).videos, first)
+    # a list of generators: one per video, each video as if sampled alone with its generator
+    both = pipe(["a dog", "a cat"], generator=[torch.Generator().manual_seed(11), torch.Generator().manual_seed(12)], **kw)
+    cat = pipe("a cat", generator=torch.Generator().manual_seed(12), **kw).videos
+    torch.testing.assert_close(both.videos[:1], first, rtol=1e-3, atol=1e-3)  # batch-size rounding only
+    torch.testing.assert_close(both.videos[1:], cat, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="generators"):
+        pipe(["a dog", "a cat"], generator=[torch.Generator()], **kw)
+    # num_videos_per_prompt
+    many = pipe(["a dog", "a cat"], num_videos_per_prompt=2, generator=torch.Generator().manual_seed(0), **kw)
+    assert many.videos.shape[0] == 4 and many.prompts == ["a dog", "a dog", "a cat", "a cat"]
+    assert not torch.equal(many.videos[0], many.videos[1])
+    # latents=: the same starting noise gives the same video as the generator that drew it
+    z = torch.randn(1, 4, 3, 4, 4, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(pipe("a dog", latents=z, **kw).videos, first, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="latents must have shape"):
+        pipe("a dog", latents=torch.randn(1, 4, 3, 8, 8), **kw)
+    # callback_on_step_end sees every step and may replace the latents
+    seen = []
+
+    def cb(p, i, t, tensors):
+        seen.append((i, int(t), tuple(tensors["latents"].shape)))
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 1 else {}
+
+    zeroed = pipe("a dog", callback_on_step_end=cb, **kw).videos
+    assert [s[0] for s in seen] == [0, 1] and seen[0][1] == 999 and torch.equal(zeroed, torch.zeros_like(zeroed))
+    # return_dict=False and output types
+    (vid,) = pipe("a dog", generator=torch.Generator().manual_seed(1), return_dict=False, progress=False, output_type="pt")
+    assert vid.shape == (1, 3, 3, 32, 32)
+    pil = pipe("a dog", generator=torch.Generator().manual_seed(1), output_type="pil", progress=False).videos
+    assert len(pil) == 1 and len(pil[0]) == 3 and pil[0][0].size == (32, 32)
+    assert np.array_equal(np.asarray(pil[0][2]), to_np(vid)[0][2])
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a dog", output_type="gif", progress=False)
+
+
+def to_np(video):
+    from modelgrow.video_io import to_uint8
+
+    return [to_uint8(v) for v in video]
+
+
+def test_progress_bar_and_model_cpu_offload(parts, capsys):
+    pipe = _pipe(parts, llm=True, steps=2)
+    ref = pipe("a dog", generator=torch.Generator().manual_seed(4), output_type="latent", progress=True).videos
+    assert "2/2" in capsys.readouterr().err  # diffusers' progress bar
+    pipe.enable_model_cpu_offload(device="cpu")
+    assert all(hasattr(getattr(pipe, n), "_hf_hook") for n in ("text_encoder", "llm_encoder", "transformer", "vae"))
+    out = pipe("a dog", generator=torch.Generator().manual_seed(4), output_type="latent", progress=False).videos
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert pipe("a dog", generator=torch.Generator().manual_seed(4), progress=False).videos[0].shape == (3, 32, 32, 3)

@@ -50,7 +50,7 @@ from modelgrow.text.recaption import (  # noqa: E402
     Recaptioner,
     clean_generation,
     count_words,
-    enforce_word_range,
+    fit_word_range,
     main,
     recaption_instruction,
 )
@@ -74,17 +74,16 @@ def test_clean_generation():
     assert clean_generation("Rewritten prompt: [INST] x </s>") == "x"
 
 
-def test_enforce_word_range():
+def test_fit_word_range():
     words = " ".join(f"w{i}" for i in range(20))
-    assert enforce_word_range(words, "orig", 5, 8) == "w0 w1 w2 w3 w4 w5 w6 w7"
+    assert fit_word_range(words, 5, 8) == ("w0 w1 w2 w3 w4 w5 w6 w7", "ok")
     # cut at the last sentence end that keeps >= min words
-    assert enforce_word_range("a b c d e f. g h i j k", "o", 5, 8) == "a b c d e f."
-    assert enforce_word_range("a b. c d e f g h i j", "o", 5, 8) == "a b. c d e f g h"
-    # too short: filled from the original prompt, cyclically
-    assert enforce_word_range("", "red ball", 5, 8) == "red ball red ball red"
-    assert enforce_word_range("x y", "red ball", 5, 8) == "x y red ball red"
-    assert enforce_word_range("a b c d e f", "o", 5, 8) == "a b c d e f"
-    assert enforce_word_range("", "", 5, 8) == ""
+    assert fit_word_range("a b c d e f. g h i j k", 5, 8) == ("a b c d e f.", "ok")
+    assert fit_word_range("a b. c d e f g h i j", 5, 8) == ("a b. c d e f g h", "ok")
+    # too short: kept as it is and flagged -- never padded with repeated words
+    assert fit_word_range("", 5, 8) == ("", "too_short")
+    assert fit_word_range("x  y", 5, 8) == ("x y", "too_short")
+    assert fit_word_range("a b c d e f", 5, 8) == ("a b c d e f", "ok")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -111,6 +110,13 @@ def _in_range(outs, lo, hi):
     return all(lo <= count_words(o) <= hi for o in outs)
 
 
+def _fitted(outs, status, lo, hi):
+    """Every output is in range with status ok, or under ``lo`` words and flagged too_short."""
+    assert len(outs) == len(status)
+    return all((st == "ok" and lo <= count_words(o) <= hi) or (st == "too_short" and count_words(o) < lo)
+               for o, st in zip(outs, status, strict=True))
+
+
 def test_recaption_input_uses_template(rc, llama_dirs):
     text = rc.build_input("A   cat")
     assert text.startswith("<s><|start_header_id|>system<|end_header_id|>\n\n" + RECAPTION_INSTRUCTION)
@@ -127,22 +133,29 @@ def test_recaption_word_range(rc, lo, hi):
     rc.min_words, rc.max_words = lo, hi
     try:
         batched = rc.recaption(PROMPTS)
-        single = [rc.recaption([p])[0] for p in PROMPTS[:2]]
+        status = rc.last_status
+        single = [(rc.recaption([p])[0], rc.last_status[0]) for p in PROMPTS[:2]]
     finally:
         rc.min_words, rc.max_words = 35, 128
     assert len(batched) == len(PROMPTS)
-    assert _in_range(batched, lo, hi) and _in_range(single, lo, hi)
+    assert _fitted(batched, status, lo, hi)
+    assert _fitted([o for o, _ in single], [st for _, st in single], lo, hi)
+    if hi == 8:
+        assert "ok" in status  # 48 new tokens reach 5 words (and are cut to 8)
     assert all("<|" not in o and "<s>" not in o for o in batched)
     assert rc.recaption(["", "   "]) == ["", ""]
 
 
-def test_recaption_fill_path_and_determinism(llama_dirs):
+def test_recaption_too_short_is_flagged_not_padded(llama_dirs):
     r = Recaptioner(llama_dirs["plain"], max_new_tokens=4, batch_size=4, retries=1, min_words=12, max_words=20, top_p=1.0)
     a = r.recaption(PROMPTS)
-    assert _in_range(a, 12, 20)
+    # 4 new tokens can never make 12 words: every caption is flagged and is the generation itself, not padded
+    assert r.last_status == ["too_short"] * 4
+    assert all(count_words(o) < 12 for o in a)
+    raw = [clean_generation(g) for g in r.generate(PROMPTS)]
+    assert all(count_words(o) >= count_words(g) for o, g in zip(a, raw, strict=True))  # the longest candidate
+    assert not a[2].endswith("dog dog")
     assert a == r.recaption(PROMPTS)  # greedy first pass, seeded retries
-    # 4 new tokens can never make 12 words: the tail is the original prompt's words
-    assert a[2].endswith("dog dog dog")
 
 
 def test_recaption_csv(rc, tmp_path):
@@ -157,9 +170,9 @@ def test_recaption_csv(rc, tmp_path):
     with open(out, newline="") as f:
         reader = csv.DictReader(f)
         got = list(reader)
-        assert reader.fieldnames == ["path", "caption", "num_frames", "long_caption"]
+        assert reader.fieldnames == ["path", "caption", "num_frames", "long_caption", "long_caption_status"]
     assert [{k: r[k] for k in ("path", "caption", "num_frames")} for r in got] == rows
-    assert _in_range([r["long_caption"] for r in got], 35, 128)
+    assert _fitted([r["long_caption"] for r in got], [r["long_caption_status"] for r in got], 35, 128)
     assert got[0]["long_caption"] == got[4]["long_caption"]  # same caption, recaptioned once
     with pytest.raises(ValueError, match="overwrite"):
         rc.recaption_csv(str(out), str(tmp_path / "m3.csv"))
@@ -167,7 +180,7 @@ def test_recaption_csv(rc, tmp_path):
     rc.recaption_csv(str(out), str(out), overwrite=True)  # in place
     with open(out, newline="") as f:
         again = list(csv.DictReader(f))
-    assert len(again) == 5 and list(again[0]) == ["path", "caption", "num_frames", "long_caption"]
+    assert len(again) == 5 and list(again[0]) == ["path", "caption", "num_frames", "long_caption", "long_caption_status"]
     with pytest.raises(KeyError, match="text"):
         rc.recaption_csv(str(src), str(tmp_path / "m4.csv"), caption_col="text")
 
@@ -185,7 +198,7 @@ def test_main_prompts_file_and_csv(llama_dirs, tmp_path):
                  "--max-words", "10"]) == 0
     recs = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["short"] for r in recs] == ["A cat runs on the beach", "dog"]
-    assert all(6 <= count_words(r["long"]) <= 10 for r in recs)
+    assert all(count_words(r["long"]) <= 10 for r in recs)
     assert all(r["prompt"] == f"{r['short']} {r['long']}" for r in recs)  # default mode SL
 
     assert main([*common, "--prompts-file", str(pf), "--out", str(tmp_path / "o.txt"), "--mode", "L",
@@ -197,7 +210,8 @@ def test_main_prompts_file_and_csv(llama_dirs, tmp_path):
     src.write_text("path,caption\na.mp4,A cat runs\nb.mp4,dog\n")
     assert main([*common, "--csv", str(src), "--out", str(tmp_path / "m_out.csv")]) == 0
     got = list(csv.DictReader(open(tmp_path / "m_out.csv", newline="")))
-    assert [r["path"] for r in got] == ["a.mp4", "b.mp4"] and _in_range([r["long_caption"] for r in got], 35, 128)
+    assert [r["path"] for r in got] == ["a.mp4", "b.mp4"]
+    assert _fitted([r["long_caption"] for r in got], [r["long_caption_status"] for r in got], 35, 128)
     with pytest.raises(ValueError, match="overwrite"):
         main([*common, "--csv", str(tmp_path / "m_out.csv"), "--out", str(tmp_path / "m_out.csv")])
     with pytest.raises(SystemExit):

@@ -394,11 +394,12 @@ class CachedDataset:
         """Shapes against ``cfg.model``/``cfg.grow`` and encoder configs against ``cfg.data.t5``/``llm``/``vae``."""
         problems = []
         lat, y = self.tensors["latent"]["shape"], self.tensors["y"]["shape"]
-        m = cfg.model
-        if lat[0] != m.in_channels or tuple(lat[1:]) != tuple(m.input_size):
-            problems.append(f"latents {lat} vs model in_channels {m.in_channels}, input_size {tuple(m.input_size)}")
-        if y[-1] != m.caption_channels or y[0] != m.model_max_length:
-            problems.append(f"T5 states {y} vs model caption_channels {m.caption_channels}, model_max_length {m.model_max_length}")
+        m = cfg.model.stdit_kwargs()  # sizes resolved: explicit settings, else the preset's
+        if lat[0] != m["in_channels"] or tuple(lat[1:]) != tuple(m["input_size"]):
+            problems.append(f"latents {lat} vs model in_channels {m['in_channels']}, input_size {tuple(m['input_size'])}")
+        if y[-1] != m["caption_channels"] or y[0] != m["model_max_length"]:
+            problems.append(f"T5 states {y} vs model caption_channels {m['caption_channels']}, "
+                            f"model_max_length {m['model_max_length']}")
         if getattr(cfg.grow, "llm", False):
             if not self.has_llm:
                 problems.append("the model has an LLM condition but the cache has no LLM states (build it with --llm)")
@@ -474,7 +475,7 @@ def _identity_of_dir(kind: str, path: str, cfg) -> dict[str, Any] | None:
     if kind == "vae":
         return encoder_identity("vae", VideoVAE.from_pretrained(path, device="cpu"))
     if kind == "t5":
-        return encoder_identity("t5", T5Encoder(path, max_length=cfg.model.model_max_length, device="cpu"))
+        return encoder_identity("t5", T5Encoder(path, max_length=cfg.model.stdit_kwargs()["model_max_length"], device="cpu"))
     d = cfg.data
     return encoder_identity("llm", LLMEncoder(path, max_length=cfg.grow.llm_max_length, layer=d.llm_layer,
                                               use_template=d.llm_use_template, device="cpu"))

@@ -1,6 +1,7 @@
 """Diffusion for ModelGrow: Open-Sora v1.0's IDDPM (training losses and ancestral sampling, numerically
-identical), deterministic few-step samplers (DDIM, DPM-Solver++(2M)) and classifier-free guidance
-wrappers (single condition, and the paper's T5 + LLM two-condition guidance)."""
+identical), samplers as diffusers schedulers (IDDPM wrapped as one, diffusers' DDIM / DPM-Solver++(2M) /
+Euler for few-step sampling) and classifier-free guidance wrappers (single condition, and the paper's
+T5 + LLM two-condition guidance)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from .gaussian_diffusion import (
 from .guidance import cfg_model_fn, two_condition_model_fn
 from .iddpm import IDDPM
 from .respace import SpacedDiffusion, space_timesteps
-from .samplers import ddim_sample, dpm_solver_pp_sample, sampling_timesteps
 
 __all__ = [
     "IDDPM",
@@ -29,45 +29,57 @@ __all__ = [
     "ModelVarType",
     "SpacedDiffusion",
     "cfg_model_fn",
-    "ddim_sample",
+    "IDDPMScheduler",
+    "SCHEDULERS",
+    "denoise",
+    "make_scheduler",
+    "scheduler_name",
+    "uses_learned_variance",
     "discretized_gaussian_log_likelihood",
-    "dpm_solver_pp_sample",
     "get_named_beta_schedule",
     "get_sampler",
     "mean_flat",
     "normal_kl",
-    "sampling_timesteps",
     "space_timesteps",
     "two_condition_model_fn",
 ]
 
-SAMPLERS = ("iddpm", "ddim", "dpm-solver")
-_ALIASES = {"dpm-solver++": "dpm-solver", "dpm_solver": "dpm-solver", "dpmsolver": "dpm-solver", "dpm": "dpm-solver"}
+SAMPLERS = ("iddpm", "ddim", "dpm-solver", "euler")
+_SCHEDULER_NAMES = ("SCHEDULERS", "IDDPMScheduler", "denoise", "make_scheduler", "scheduler_name", "uses_learned_variance")
+
+
+def __getattr__(name: str):
+    # the schedulers need diffusers (the inference extra); training uses IDDPM alone and does not import it
+    if name in _SCHEDULER_NAMES:
+        from . import schedulers
+
+        return getattr(schedulers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def get_sampler(name: str, steps: int) -> Callable:
-    """``sample(model_fn, shape, noise=None, model_kwargs=None, progress=False, device=None) -> x0``.
+    """``sample(model_fn, shape, noise=None, model_kwargs=None, progress=False, device=None) -> x0``: the
+    scheduler ``make_scheduler(name)`` run for ``steps`` model calls over the whole batch (see
+    :func:`modelgrow.diffusion.schedulers.denoise`). iddpm draws its per-step noise from torch's global RNG,
+    as Open-Sora v1.0 does."""
+    import torch
 
-    iddpm: Open-Sora's ancestral sampler on ``IDDPM(num_sampling_steps=steps)`` (clip_denoised=False;
-    draws its per-step noise from torch's global RNG). ddim / dpm-solver: deterministic, ``steps`` model
-    calls on the trailing grid (see :mod:`modelgrow.diffusion.samplers`)."""
-    key = _ALIASES.get(name.lower(), name.lower())
-    if key == "iddpm":
-        diffusion = IDDPM(num_sampling_steps=steps)
+    from .gaussian_diffusion import resolve_device
 
-        def sample(model_fn, shape, noise=None, model_kwargs=None, progress=False, device=None):
-            return diffusion.p_sample_loop(model_fn, shape, noise=noise, clip_denoised=False,
-                                           model_kwargs=model_kwargs, device=device, progress=progress)
+    from .schedulers import denoise, make_scheduler, scheduler_name
 
-        sample.diffusion = diffusion
-    elif key in ("ddim", "dpm-solver"):
-        fn = ddim_sample if key == "ddim" else dpm_solver_pp_sample
+    scheduler = make_scheduler(name)
 
-        def sample(model_fn, shape, noise=None, model_kwargs=None, progress=False, device=None):
-            return fn(model_fn, shape, steps, noise=noise, model_kwargs=model_kwargs, progress=progress, device=device)
+    def sample(model_fn, shape, noise=None, model_kwargs=None, progress=False, device=None):
+        if not isinstance(shape, (tuple, list)):
+            raise TypeError("shape must be a tuple or list")
+        device = resolve_device(model_fn, noise, device)
+        x = noise.to(device) if noise is not None else torch.randn(*shape, device=device)
+        if tuple(x.shape) != tuple(shape):
+            raise ValueError(f"noise shape {tuple(x.shape)} != shape {tuple(shape)}")
+        return denoise(scheduler, model_fn, x * scheduler.init_noise_sigma, steps, model_kwargs, progress=progress)
 
-    else:
-        raise ValueError(f"unknown sampler {name!r}; expected one of {SAMPLERS}")
-    sample.sampler_name = key
+    sample.scheduler = scheduler
+    sample.sampler_name = scheduler_name(scheduler)
     sample.steps = steps
     return sample

@@ -14,7 +14,8 @@ class IDDPM(SpacedDiffusion):
 
     ``num_sampling_steps=N`` respaces to ``str(N)`` (uniform over the 1000 steps, both ends kept); with
     neither it nor ``timestep_respacing`` every step is kept (training). The model is called with the
-    original integer timesteps (no rescaling).
+    original integer timesteps (no rescaling). ``float32_betas=True`` rounds the respaced betas to float32
+    as Open-Sora v1.1+ does; the default (float64) is v1.0.0's.
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class IDDPM(SpacedDiffusion):
         learn_sigma=True,
         rescale_learned_sigmas=False,
         diffusion_steps=1000,
+        float32_betas=False,
     ):
         betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
         if use_kl:
@@ -52,6 +54,7 @@ class IDDPM(SpacedDiffusion):
             model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
             model_var_type=var_type,
             loss_type=loss_type,
+            float32_betas=float32_betas,
         )
         self.num_sampling_steps = num_sampling_steps
         self.timestep_respacing = timestep_respacing

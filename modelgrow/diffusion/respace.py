@@ -60,12 +60,13 @@ class SpacedDiffusion(GaussianDiffusion):
     alphas_cumprod at the kept steps is the base process's, and the model is called with the original
     timestep values.
 
-    :param float32_betas: round the re-derived betas to float32 before the (float64) schedule is built, as
-        Open-Sora v1.0 does (``torch.FloatTensor(new_betas)``); this holds even without respacing, so its
-        numbers are reproduced exactly. False keeps them float64 (DiT / guided-diffusion).
+    :param float32_betas: False (default) keeps the re-derived betas float64 (``np.array(new_betas)``), as
+        Open-Sora **v1.0.0**, DiT and guided-diffusion do; True rounds them to float32 first
+        (``torch.FloatTensor(new_betas)``), which first appears in Open-Sora v1.1.0 (respaced betas then
+        differ by up to 2.7e-8).
     """
 
-    def __init__(self, use_timesteps, *, float32_betas: bool = True, **kwargs):
+    def __init__(self, use_timesteps, *, float32_betas: bool = False, **kwargs):
         self.use_timesteps = set(use_timesteps)
         self.original_num_steps = len(kwargs["betas"])
         base = GaussianDiffusion(**kwargs)

@@ -43,6 +43,14 @@ from .layers import (
     sincos_2d,
 )
 
+try:  # the transformer is a diffusers model (ModelMixin / ConfigMixin) wherever diffusers is installed
+    from diffusers import ConfigMixin, ModelMixin
+
+    _HAS_DIFFUSERS = True
+except ImportError:  # pragma: no cover - training and the kernels run without diffusers
+    ModelMixin, ConfigMixin = nn.Module, object
+    _HAS_DIFFUSERS = False
+
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -155,8 +163,16 @@ class STDiTBlock(nn.Module):
         return x
 
 
-class STDiT(nn.Module):
-    """Open-Sora v1.0 STDiT. ``forward(x, timestep, y, mask=None) -> [B, out_channels, T, H, W]``."""
+class STDiT(ModelMixin, ConfigMixin):
+    """Open-Sora v1.0 STDiT. ``forward(x, timestep, y, mask=None) -> [B, out_channels, T, H, W]``.
+
+    A diffusers ``ModelMixin`` / ``ConfigMixin`` (so it is a pipeline component that diffusers can load, save,
+    offload and move); its state-dict keys are Open-Sora v1.0's. ``config`` is a plain dict of the
+    constructor arguments (``STDiT(**model.config)`` rebuilds it); ``save_pretrained`` / ``from_pretrained``
+    use modelgrow's pretrained directory (``model.safetensors`` + ``config.json``, see
+    :mod:`modelgrow.models.checkpoint`). ``dtype`` is the compute dtype the forward casts its inputs to."""
+
+    config_name = "config.json"
 
     def __init__(
         self,
@@ -211,7 +227,7 @@ class STDiT(nn.Module):
         self.num_spatial = (input_size[1] // patch_size[1]) * (input_size[2] // patch_size[2])
         self.num_patches = self.num_temporal * self.num_spatial
         self.num_heads = num_heads
-        self.dtype = dtype_from_name(dtype)
+        self._compute_dtype = dtype_from_name(dtype)
         self.no_temporal_pos_emb = no_temporal_pos_emb
         self.depth = depth
         self.mlp_ratio = mlp_ratio
@@ -220,7 +236,7 @@ class STDiT(nn.Module):
         self.space_scale = space_scale
         self.time_scale = time_scale
         self.temporal_pos_block = temporal_pos_block
-        self.config: dict[str, Any] = dict(
+        config: dict[str, Any] = dict(
             input_size=list(input_size),
             in_channels=in_channels,
             patch_size=list(patch_size),
@@ -241,9 +257,13 @@ class STDiT(nn.Module):
             temporal_pos_block=temporal_pos_block,
         )
         if llm_channels is not None:  # ModelGrow's LLM condition (modelgrow.grow.add_llm_condition)
-            self.config.update(llm_channels=llm_channels, llm_max_length=llm_max_length, llm_gate=llm_gate)
+            config.update(llm_channels=llm_channels, llm_max_length=llm_max_length, llm_gate=llm_gate)
         if growth is not None:  # provenance of grown blocks (modelgrow.grow.expand)
-            self.config["growth"] = growth
+            config["growth"] = growth
+        if _HAS_DIFFUSERS:
+            self.register_to_config(**config)
+        else:  # pragma: no cover
+            self._plain_config = config
         self.growth = growth
 
         self.register_buffer("pos_embed", self.get_spatial_pos_embed())  # [1, S, C]
@@ -286,6 +306,47 @@ class STDiT(nn.Module):
             self.freeze_not_temporal()
         elif freeze == "text":
             self.freeze_text()
+
+    # --------------------------------------------------------------------------------------------------
+    @property
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (a fresh plain dict: edit a copy, build a new STDiT from it)."""
+        import copy
+
+        src = self._internal_dict if _HAS_DIFFUSERS else self._plain_config
+        return copy.deepcopy(dict(src))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: inputs are cast to it (``accelerate`` sets it together with the weights)."""
+        return self._compute_dtype
+
+    @dtype.setter
+    def dtype(self, value: str | torch.dtype) -> None:
+        self._compute_dtype = dtype_from_name(value)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: str | None = None, torch_dtype=None,
+                        device=None, strict: bool = True, **kwargs) -> STDiT:
+        """Load a modelgrow pretrained directory (local only; diffusers' loading keywords are accepted, those
+        that do not apply are ignored)."""
+        from pathlib import Path
+
+        from .checkpoint import from_pretrained
+
+        path = Path(pretrained_model_name_or_path)
+        if subfolder:
+            path = path / subfolder
+        model = from_pretrained(path, device=device, dtype=torch_dtype, strict=strict)
+        if torch_dtype is not None:
+            model.dtype = torch_dtype
+        return model
+
+    def save_pretrained(self, save_directory, extra: dict | None = None, **kwargs):
+        """Write ``model.safetensors`` + ``config.json`` (modelgrow's pretrained directory)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, save_directory, extra=extra)
 
     # --------------------------------------------------------------------------------------------------
     def forward(

@@ -10,14 +10,14 @@ __all__ = [
     "PROMPT_MODES", "merge_prompt", "merge_prompts",
     "T5Encoder", "clean_caption", "text_preprocessing",
     "LLMEncoder", "LLAMA3_TEMPLATE", "DEFAULT_SYSTEM_PROMPT",
-    "Recaptioner", "RECAPTION_INSTRUCTION", "count_words", "enforce_word_range",
+    "Recaptioner", "RECAPTION_INSTRUCTION", "count_words", "fit_word_range",
 ]
 
 _LAZY = {
     "T5Encoder": "t5", "clean_caption": "t5", "text_preprocessing": "t5",
     "LLMEncoder": "llm", "LLAMA3_TEMPLATE": "llm", "DEFAULT_SYSTEM_PROMPT": "llm",
     "Recaptioner": "recaption", "RECAPTION_INSTRUCTION": "recaption", "count_words": "recaption",
-    "enforce_word_range": "recaption",
+    "fit_word_range": "recaption",
 }
 
 

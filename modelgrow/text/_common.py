@@ -70,3 +70,22 @@ def load_pretrained(cls, path: str, dtype: torch.dtype, ignore_unexpected: tuple
     if unexpected:
         warnings.warn(f"{path}: {len(unexpected)} unused checkpoint weights, e.g. {unexpected[:5]}", stacklevel=3)
     return model
+
+
+def tolerate_broken_mistral_common() -> None:
+    """``mistral-common`` installed without its dependencies (the Makefile installs it ``--no-deps`` for the
+    Llama tokenizer file it ships) makes transformers believe ``MistralCommonBackend`` is importable; every
+    ``ProcessorMixin`` then fails while checking its tokenizer's class. When that import fails, register an
+    unrelated placeholder class under that name so processors load (no tokenizer can be an instance of it)."""
+    import transformers
+
+    try:
+        import transformers.tokenization_mistral_common  # noqa: F401
+        return
+    except Exception:  # noqa: BLE001 - missing optional dependencies of mistral-common
+        pass
+    placeholder = type("MistralCommonBackendUnavailable", (), {})
+    for mod in (transformers, getattr(__import__("transformers.processing_utils").processing_utils,
+                                      "transformers_module", None)):
+        if mod is not None and "MistralCommonBackend" not in vars(mod):
+            mod.MistralCommonBackend = placeholder

@@ -14,15 +14,18 @@ Word-range policy (words = whitespace-separated tokens, ``count_words``)
        that still leaves at least ``min_words`` words, else exactly after word ``max_words``.
     3. too short: regenerate the short ones up to ``retries`` times with sampling (``temperature``/``top_p``)
        and seed ``seed + attempt`` (deterministic for a given seed), keeping the longest candidate.
-    4. still short: extend deterministically by appending the original prompt's words (cyclically) until
-       ``min_words`` is reached, then apply step 2. The result always has ``min_words <= n <= max_words`` words,
-       except for an empty prompt, which gives ``""`` (there is nothing to rewrite).
+    4. still short: the longest candidate is kept as it is and *flagged* (status ``too_short``; ``last_status``
+       after ``recaption``, a ``<out_col>_status`` column in CSVs) -- never padded with repeated words. An empty
+       prompt gives ``""`` (there is nothing to rewrite); an empty generation stays empty, and the SL merge then
+       falls back to the short prompt alone.
 
 CLI (``modelgrow recaption ...`` -> ``main(argv)``)
     ``--prompts-file F`` (one prompt per line, blank lines skipped) -> ``--out``: ``*.jsonl`` gets one object
     per prompt ``{"short", "long", "prompt"}`` (``prompt`` = the ``--mode`` merge), any other extension one
-    merged prompt per line. ``--csv IN`` -> ``--out`` CSV with a ``long_caption`` column added (the long prompt
+    merged prompt per line. ``--csv IN`` -> ``--out`` CSV with ``long_caption`` + ``long_caption_status`` columns added (the long prompt
     itself; the data loader merges by ``data.prompt_mode``), other columns and row order kept.
+    ``--videos M --vlm DIR`` captions the videos themselves with a vision-language model
+    (``modelgrow.text.video_recaption``).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import torch
 from ._common import check_local_dir, freeze, load_pretrained, resolve_device, resolve_dtype
 from .prompts import PROMPT_MODES, merge_prompt
 
-__all__ = ["Recaptioner", "RECAPTION_INSTRUCTION", "recaption_instruction", "count_words", "enforce_word_range",
+__all__ = ["Recaptioner", "RECAPTION_INSTRUCTION", "recaption_instruction", "count_words", "fit_word_range",
            "clean_generation", "main"]
 
 # The paper's recaption instruction, verbatim (its recaption figure).
@@ -91,18 +94,13 @@ def _truncate(words: list[str], min_words: int, max_words: int) -> list[str]:
     return words[:max_words]
 
 
-def enforce_word_range(text: str, original: str, min_words: int, max_words: int) -> str:
-    """Steps 1, 2 and 4 of the policy: clean, cut to ``max_words``, fill up to ``min_words`` from ``original``."""
+def fit_word_range(text: str, min_words: int, max_words: int) -> tuple[str, str]:
+    """Steps 1, 2 and 4 of the policy: clean, cut to ``max_words`` -> ``(text, "ok")``; fewer than ``min_words``
+    words -> ``(text, "too_short")`` unchanged (never padded)."""
     words = clean_generation(text).split()
-    fill = str(original).split()
-    if len(words) < min_words and fill:
-        i = 0
-        while len(words) < min_words:
-            words.append(fill[i % len(fill)])
-            i += 1
-    if not fill and not words:
-        return ""
-    return " ".join(_truncate(words, min_words, max_words))
+    if len(words) < min_words:
+        return " ".join(words), "too_short"
+    return " ".join(_truncate(words, min_words, max_words)), "ok"
 
 
 class Recaptioner:
@@ -159,9 +157,35 @@ class Recaptioner:
         self.top_p = float(top_p)
         self.retries = int(retries)
         self.instruction = instruction or recaption_instruction(self.min_words, self.max_words)
+        self.last_status: list[str] = []  # per prompt of the last ``recaption`` call: ok | too_short | empty
         tok = self.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (
             tok.eos_token_id if tok.eos_token_id is not None else 0)
+
+    @classmethod
+    def from_model(cls, model, tokenizer, **kwargs) -> Recaptioner:
+        """Wrap an already-loaded causal LM and its tokenizer (the other arguments as in ``__init__``)."""
+        import inspect
+
+        self = cls.__new__(cls)
+        sig = inspect.signature(cls.__init__)
+        opts = {k: p.default for k, p in sig.parameters.items() if k not in ("self", "path", "device", "dtype")}
+        unknown = set(kwargs) - set(opts)
+        if unknown:
+            raise TypeError(f"unknown Recaptioner arguments {sorted(unknown)}")
+        opts.update(kwargs)
+        self.path = None
+        self.model, self.tokenizer = freeze(model), tokenizer
+        self.tokenizer.padding_side = "left"
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        for k in ("max_new_tokens", "batch_size", "min_words", "max_words", "seed", "retries"):
+            setattr(self, k, int(opts[k]))
+        self.do_sample, self.temperature, self.top_p = bool(opts["do_sample"]), float(opts["temperature"]), float(opts["top_p"])
+        self.instruction = opts["instruction"] or recaption_instruction(self.min_words, self.max_words)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        return self
 
     # ------------------------------------------------------------------------------------------------------
     def build_input(self, prompt: str) -> str:
@@ -213,7 +237,8 @@ class Recaptioner:
         return out
 
     def recaption(self, prompts: list[str]) -> list[str]:
-        """Short prompts -> long prompts of ``min_words``..``max_words`` words (see the module docstring)."""
+        """Short prompts -> long prompts of ``min_words``..``max_words`` words, or shorter ones flagged
+        ``too_short`` in ``self.last_status`` (see the module docstring)."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings, not a single string")
         prompts = [" ".join(str(p).split()) for p in prompts]
@@ -231,16 +256,18 @@ class Recaptioner:
                 g = clean_generation(g)
                 if count_words(g) > count_words(best[i]):
                     best[i] = g
-        return [enforce_word_range(best[i], p, self.min_words, self.max_words) if p else ""
-                for i, p in enumerate(prompts)]
+        fitted = [fit_word_range(best[i], self.min_words, self.max_words) if p else ("", "empty")
+                  for i, p in enumerate(prompts)]
+        self.last_status = [st for _, st in fitted]
+        return [t for t, _ in fitted]
 
     __call__ = recaption
 
     def recaption_csv(self, in_csv: str, out_csv: str, caption_col: str = "caption",
                       out_col: str = "long_caption", overwrite: bool = False) -> int:
-        """Add ``out_col`` (the long prompt of each row's ``caption_col``) to a CSV manifest, keeping every other
-        column and the row order; identical captions are recaptioned once. Written atomically to ``out_csv``.
-        Returns the number of rows."""
+        """Add ``out_col`` (the long prompt of each row's ``caption_col``) and ``<out_col>_status`` (ok |
+        too_short | empty) to a CSV manifest, keeping every other column and the row order; identical captions are
+        recaptioned once. Written atomically to ``out_csv``. Returns the number of rows."""
         with open(in_csv, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             fields = list(reader.fieldnames or [])
@@ -251,11 +278,11 @@ class Recaptioner:
             raise ValueError(f"{in_csv} already has a {out_col!r} column; pass overwrite=True (--overwrite) to replace it")
         captions = [r.get(caption_col) or "" for r in rows]
         unique = list(dict.fromkeys(" ".join(c.split()) for c in captions))
-        longs = dict(zip(unique, self.recaption(unique), strict=True))
-        if out_col not in fields:
-            fields.append(out_col)
+        longs = dict(zip(unique, zip(self.recaption(unique), self.last_status, strict=True), strict=True))
+        status_col = f"{out_col}_status"
+        fields += [c for c in (out_col, status_col) if c not in fields]
         for r, c in zip(rows, captions, strict=True):
-            r[out_col] = longs[" ".join(c.split())]
+            r[out_col], r[status_col] = longs[" ".join(c.split())]
         _atomic_write_csv(out_csv, fields, rows)
         return len(rows)
 
@@ -318,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a.split("=")[0] in ("--videos", "--vlm") for a in argv):  # caption the videos with a VLM
+        from .video_recaption import main as video_main
+
+        return video_main(argv)
     args = build_parser().parse_args(argv)
     rc = Recaptioner(
         args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
@@ -332,6 +364,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     with open(args.prompts_file, encoding="utf-8") as f:
         shorts = [" ".join(line.split()) for line in f if line.strip()]
     longs = rc.recaption(shorts)
+    flagged = [s for s, st in zip(shorts, rc.last_status, strict=True) if st == "too_short"]
+    if flagged:
+        print(f"{len(flagged)} long prompt(s) stayed under --min-words after {args.retries} retries (kept, not "
+              f"padded), e.g. {flagged[:3]}", file=sys.stderr)
     merged = [merge_prompt(s, lng, args.mode) for s, lng in zip(shorts, longs, strict=True)]
     if args.out.lower().endswith(".jsonl"):
         def write(f):

@@ -234,6 +234,21 @@ class T5Encoder:
         self.model = freeze(load_pretrained(T5EncoderModel, path, self.dtype, ignore_unexpected=("decoder.", "lm_head.")))
         self.model.to(self.device)
 
+    @classmethod
+    def from_model(cls, model, tokenizer, max_length: int = 120, clean: bool = True,
+                   device: str | torch.device | None = None) -> T5Encoder:
+        """Wrap an already-loaded ``T5EncoderModel`` and its tokenizer (frozen; moved to ``device`` if given)."""
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self = cls.__new__(cls)
+        self.path, self.max_length, self.clean = None, int(max_length), clean
+        self.model, self.tokenizer = freeze(model), tokenizer
+        if device is not None:
+            self.model.to(device)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        return self
+
     @property
     def hidden_size(self) -> int:
         return int(self.model.config.d_model)

@@ -14,7 +14,8 @@ import random
 import shutil
 import tempfile
 
-__all__ = ["build_tiny_t5", "build_tiny_llama", "mistral_tokenizer_model", "LLAMA3_STYLE_CHAT_TEMPLATE"]
+__all__ = ["build_tiny_t5", "build_tiny_llama", "build_tiny_llava", "mistral_tokenizer_model", "LLAMA3_STYLE_CHAT_TEMPLATE",
+           "LLAVA_STYLE_CHAT_TEMPLATE"]
 
 LLAMA3_STYLE_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -96,4 +97,50 @@ def build_tiny_llama(path: str, chat_template: str | None = None, hidden_size: i
                       max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=None, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+LLAVA_STYLE_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{{ '\\n' }}{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tiny_llava(path: str, hidden_size: int = 32, image_size: int = 32, seed: int = 0) -> str:
+    """A random ``LlavaForConditionalGeneration`` (CLIP vision tower + 2-layer Llama, 32x32 images, patch 8:
+    16 image tokens per frame) with a real ``LlavaProcessor`` (``CLIPImageProcessor`` + the mistral-common
+    Llama tokenizer with an ``<image>`` token, a LLaVA-1.5-style chat template) saved in ``path``."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        LlamaTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from ._common import tolerate_broken_mistral_common
+
+    tolerate_broken_mistral_common()
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(mistral_tokenizer_model(), os.path.join(tmp, "tokenizer.model"))
+        tok = LlamaTokenizer.from_pretrained(tmp, local_files_only=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.pad_token = tok.unk_token
+    ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=8, vision_feature_select_strategy="default",
+                   chat_template=LLAVA_STYLE_CHAT_TEMPLATE, num_additional_image_tokens=1).save_pretrained(path)
+    torch.manual_seed(seed)
+    cfg = LlavaConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                           num_hidden_layers=2, num_attention_heads=2, image_size=image_size, patch_size=8),
+        text_config=dict(model_type="llama", hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1)
+    LlavaForConditionalGeneration(cfg).save_pretrained(path)
     return path

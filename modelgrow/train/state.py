@@ -1,6 +1,8 @@
-"""Training state pieces: AdamW, the learning-rate warm-up, fp32 EMA, joint condition dropout, LoRA."""
+"""Training state pieces: AdamW, the learning-rate warm-up and cosine decay, fp32 EMA, joint condition dropout, LoRA."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -18,9 +20,19 @@ def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, device: torch.
                              fused=fused or None, foreach=None if fused else True)
 
 
+def lr_factor(step: int, cfg: OptimConfig) -> float:
+    """The learning rate at optimizer step ``step`` (0-based) as a fraction of ``cfg.lr``: linear warm-up over
+    ``warmup_steps``, then a cosine decay to ``min_lr_ratio`` over ``decay_steps`` (0: constant)."""
+    warm, decay = cfg.warmup_steps, cfg.decay_steps
+    factor = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    if decay > 0:
+        progress = min(max(step - warm, 0) / decay, 1.0)
+        factor *= cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return factor
+
+
 def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    warm = cfg.warmup_steps
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, cfg))
 
 
 class EMA:

@@ -96,7 +96,7 @@ class Encoders:
         if has_llm and not d.llm:
             raise ValueError("the model has an LLM condition: set data.llm (a local causal LM dir)")
         self.vae = VideoVAE.from_pretrained(d.vae, device=device)
-        self.t5 = T5Encoder(d.t5, max_length=cfg.model.model_max_length, device=device)
+        self.t5 = T5Encoder(d.t5, max_length=cfg.model.stdit_kwargs()["model_max_length"], device=device)
         self.llm = (LLMEncoder(d.llm, max_length=cfg.grow.llm_max_length, layer=d.llm_layer,
                                use_template=d.llm_use_template, device=device) if has_llm else None)
 
@@ -241,7 +241,7 @@ class Trainer:
         it = iter(self.loader)
         window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
         tokens = self.model.num_temporal * self.model.num_spatial
-        flops = stdit_flops(**self.model.config, caption_tokens=cfg.model.model_max_length,
+        flops = stdit_flops(**self.model.config, caption_tokens=cfg.model.stdit_kwargs()["model_max_length"],
                             llm_tokens=cfg.grow.llm_max_length if self.has_llm else 0).per_step(training=True)
         peak = device_peak_tflops(self.device)
         try:
