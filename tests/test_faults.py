@@ -422,3 +422,18 @@ def test_cache_fingerprints_and_modes(setup, tmp_path):
         (out / "index.json").write_text(text)
         with pytest.raises(CacheMismatchError, match="index.json"):
             CachedDataset(out)
+
+
+def test_resume_compares_resolved_model_sizes():
+    """A checkpoint saved with explicit sizes equal to the preset's defaults resumes under a config that leaves
+    them unset; a real size change is still refused, naming the key."""
+    from modelgrow.config import Config, config_to_dict
+    from modelgrow.train.trainer import _resolve_model_sizes, _resume_diff
+
+    now = config_to_dict(Config())
+    old = config_to_dict(Config())
+    old["model"].update(input_size=[16, 32, 32], caption_channels=4096, model_max_length=120)
+    assert _resume_diff(_resolve_model_sizes(old), _resolve_model_sizes(now)) == ({}, {})
+    old["model"]["input_size"] = [8, 32, 32]
+    applied, refused = _resume_diff(_resolve_model_sizes(old), _resolve_model_sizes(now))
+    assert not applied and list(refused) == ["model.input_size"]

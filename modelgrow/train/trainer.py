@@ -353,7 +353,7 @@ class Trainer:
         old = meta.get("config")
         if not old:
             return {}
-        applied, refused = _resume_diff(old, config_to_dict(self.cfg))
+        applied, refused = _resume_diff(_resolve_model_sizes(old), _resolve_model_sizes(config_to_dict(self.cfg)))
         if refused:
             lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in refused.items())
             raise ValueError(
@@ -381,6 +381,20 @@ RESUME_FREE = ("train.steps", "train.log_every", "train.output_dir", "checkpoint
                "data.num_workers", "data.decoder", "data.max_fail_fraction", "model.from_pretrained")
 # ... and hyper-parameters that take effect from the next step (applied to the restored optimizer / scheduler)
 RESUME_APPLIED = ("optim.", "train.ema_decay")
+
+
+def _resolve_model_sizes(cfg: dict) -> dict:
+    """A saved config dict with the model sizes an unset key resolves to (the preset's, else the fallback):
+    a run saved with input_size = [16, 32, 32] and one that leaves it to the same preset are the same model."""
+    from ..config import MODEL_SIZE_FALLBACKS
+    from ..models.zoo import PRESETS
+
+    model = dict(cfg.get("model") or {})
+    preset = PRESETS.get(model.get("preset"), {})
+    for key, fallback in MODEL_SIZE_FALLBACKS.items():
+        if model.get(key) is None:
+            model[key] = preset.get(key, fallback)
+    return {**cfg, "model": model}
 
 
 def _resume_diff(old: dict, new: dict) -> tuple[dict, dict]:
