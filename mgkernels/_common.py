@@ -7,6 +7,40 @@ import functools
 
 import torch
 
+# The one Triton import guard of the package. Without Triton (a CPU-only install) the op files still import:
+# @triton.jit leaves the kernel functions as plain (never called) Python functions, and the dispatcher runs
+# the PyTorch reference / csrc providers (an explicit MG_KERNELS=triton raises KernelUnavailable).
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised by tests/test_package.py in a subprocess
+
+    class _NoTriton:
+        constexpr = int  # annotations of kernel parameters
+
+        @staticmethod
+        def jit(fn=None, **_kwargs):
+            return fn if fn is not None else (lambda f: f)
+
+    triton = tl = _NoTriton()
+    HAS_TRITON = False
+
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
+CSRC_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels store
+
+
+def pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def providers_for(x: torch.Tensor, implemented: tuple[str, ...]) -> tuple[str, ...]:
+    """The providers of ``implemented`` that take x's dtype (float64 and other dtypes: the reference only)."""
+    ok = {"triton": x.dtype in TRITON_DTYPES, "csrc": x.dtype in CSRC_DTYPES, "ref": True}
+    return tuple(p for p in implemented if ok[p])
+
 
 def per_sample(p: torch.Tensor, B: int, C: int, name: str) -> torch.Tensor:
     """A per-sample modulation vector as ``[Bs, C]`` with ``Bs`` in {1, B}.
@@ -76,7 +110,7 @@ def row_tile(C: int, streams: int, esize: int = 2) -> dict:
     128-bit loads per thread and step). Chosen with the sm_90 compile report: no spills, 3-4 programs per
     SM, >= 27 KB of loads in flight per SM (what an H100/H200 SM needs to stream at its share of the
     bandwidth)."""
-    block = 1 << max(0, int(C) - 1).bit_length()
+    block = pow2(C)
     rows = max(1, min(16, 16384 // (block * streams * esize)))
     return dict(ROWS=rows, BLOCK_C=block, num_warps=4 if block <= 4096 else 8)
 

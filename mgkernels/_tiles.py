@@ -18,8 +18,8 @@ is not a multiple of 16 bytes or the head dim is not contiguous.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._common import pow2, tl, triton
 
 
 def head_split(D: int) -> tuple[int, int]:
@@ -28,7 +28,7 @@ def head_split(D: int) -> tuple[int, int]:
         return 16, 0
     d0 = 1 << (int(D).bit_length() - 1)
     rest = D - d0
-    return d0, (0 if rest == 0 else max(16, 1 << max(0, rest - 1).bit_length()))
+    return d0, (0 if rest == 0 else max(16, pow2(rest)))
 
 
 def padded_head(D: int) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import importlib.util
 import os
 import warnings
 from collections.abc import Iterator
@@ -28,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from . import _ext
+from ._common import HAS_TRITON
 
 PROVIDERS = ("triton", "csrc", "ref")
 _CHOICES = ("auto",) + PROVIDERS
@@ -61,7 +61,7 @@ def use(provider: str) -> Iterator[None]:
 
 
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return HAS_TRITON
 
 
 def interpreter_enabled() -> bool:

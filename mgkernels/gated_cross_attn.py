@@ -45,24 +45,8 @@ from torch import Tensor
 
 from .dispatch import choose, interpreter_enabled
 
-try:
-    import triton
-    import triton.language as tl
-
-    from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - installs without Triton run the reference
-
-    class _NoTriton:
-        constexpr = None
-
-        @staticmethod
-        def jit(fn):
-            return fn
-
-    triton = tl = _NoTriton()
-    _HAS_TRITON = False
+from ._common import compute_dtype, providers_for, tl, triton
+from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
 
 __all__ = ["cross_attn", "gated_cross_attn", "gated_cross_attn_ref"]
 
@@ -76,7 +60,7 @@ _MAX_D = 256  # largest head dim the Triton kernels take (BLOCK_D = 256); larger
 
 def _gate(lam: Tensor, H: int) -> Tensor:
     """tanh(lam) as ``[H]`` in fp32 (fp64 for an fp64 lam); a scalar lam is broadcast to every head."""
-    return torch.tanh(lam.to(torch.promote_types(lam.dtype, torch.float32))).reshape(-1).expand(H)
+    return torch.tanh(lam.to(compute_dtype(lam.dtype))).reshape(-1).expand(H)
 
 
 def _ref_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -487,7 +471,7 @@ def _dlam_from_dot(dot_h: Tensor, lam: Tensor, H: int) -> Tensor:
 def _ref_fwd(x, q, k, v, lam, mask, save):
     B, N, H, D = q.shape
     o = _ref_attention(q, k, v, mask)
-    ct = torch.promote_types(x.dtype, torch.float32)
+    ct = compute_dtype(x.dtype)
     g = _gate(lam, H).to(ct).view(1, 1, H, 1)
     out = (x.unflatten(-1, (H, D)) if x.dim() == 3 else x).to(ct) + g * o.to(ct)
     out = out.reshape(x.shape).to(x.dtype).contiguous()
@@ -501,7 +485,7 @@ def _ref_bwd(dout, q, k, v, lam, mask, o):
     (Autograd cannot be used here: a custom op's body runs below the autograd dispatch key.) ``lam=None``:
     the plain cross-attention (gate 1, no dlam)."""
     B, N, H, D = q.shape
-    ct = torch.promote_types(q.dtype, torch.float32)
+    ct = compute_dtype(q.dtype)
     scale = 1.0 / math.sqrt(D)
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
     d4 = (dout.unflatten(-1, (H, D)) if dout.dim() == 3 else dout).to(ct)
@@ -531,8 +515,9 @@ def _ref_bwd(dout, q, k, v, lam, mask, o):
 # torch.library custom ops (opaque to torch.compile; the provider is chosen inside, at run time).
 # ----------------------------------------------------------------------------------------------------------
 
-def _providers(q: Tensor) -> tuple[str, ...]:
-    return ("triton", "ref") if _HAS_TRITON and q.shape[-1] <= _MAX_D else ("ref",)
+def _provider(q: Tensor, op: str = _OP) -> str:
+    """Triton for fp32 / fp16 / bf16 and head dims up to _MAX_D (where asked / on CUDA), else the reference."""
+    return choose(op, q, providers_for(q, ("triton", "ref") if q.shape[-1] <= _MAX_D else ("ref",)))
 
 
 @torch.library.custom_op("mgkernels::gated_cross_attn_fwd", mutates_args=())
@@ -540,7 +525,7 @@ def gated_cross_attn_fwd(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor
                          save: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(out, o, lse): out like x; o ``[B, N, H, D]`` (q's dtype) and lse ``[B, H, N]`` fp32 when ``save``,
     else empty tensors."""
-    if choose(_OP, q, _providers(q)) == "triton":
+    if _provider(q) == "triton":
         return _triton_fwd(x, q, k, v, lam, mask, save)
     return _ref_fwd(x, q, k, v, lam, mask, save)
 
@@ -559,7 +544,7 @@ def gated_cross_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Ten
                          o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dlam) from the forward's saved o and lse. dx is dout itself, returned by the autograd
     Function (a custom op may not return an alias of its input, and a copy would be wasted bandwidth)."""
-    if choose(_OP, q, _providers(q)) == "triton":
+    if _provider(q) == "triton":
         return _triton_bwd(dout, q, k, v, lam, mask, o, lse)
     return _ref_bwd(dout, q, k, v, lam, mask, o)
 
@@ -652,16 +637,10 @@ def gated_cross_attn(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, ma
 # fuses them (and the next LayerNorm + modulation) into mgkernels.residual_modulate instead.
 # ----------------------------------------------------------------------------------------------------------
 
-def _plain_provider(q: Tensor) -> str:
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return "ref"  # float64 (verification against Open-Sora) stays on the reference
-    return choose("cross_attn", q, _providers(q))
-
-
 @torch.library.custom_op("mgkernels::cross_attn_fwd", mutates_args=())
 def cross_attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, save: bool) -> tuple[Tensor, Tensor]:
     """(o ``[B, N, H, D]`` in q's dtype, lse ``[B, H, N]`` fp32 when ``save`` else empty)."""
-    if _plain_provider(q) == "triton":
+    if _provider(q, "cross_attn") == "triton":
         o, _, lse = _triton_fwd(None, q, k, v, None, mask, save)
         return o, lse
     lse = _ref_lse(q, k, mask) if save else q.new_empty(0, dtype=torch.float32)
@@ -678,7 +657,7 @@ def _(q, k, v, mask, save):
 def cross_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, o: Tensor,
                    lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from dO and the forward's o, lse."""
-    if _plain_provider(q) == "triton":
+    if _provider(q, "cross_attn") == "triton":
         return _triton_bwd(do, q, k, v, None, mask, o, lse)[:3]
     return _ref_bwd(do, q, k, v, None, mask, o)[:3]
 

@@ -17,11 +17,9 @@ CPU), ``ref`` (PyTorch).
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import _ext
-from ._common import check_tokens, compute_dtype, per_sample, row_split, row_tile
+from ._common import check_tokens, compute_dtype, per_sample, providers_for, row_split, row_tile, tl, triton
 from .dispatch import choose
 
 PROVIDERS = ("triton", "csrc", "ref")
@@ -206,18 +204,13 @@ def _bwd_csrc(dy, x, scale, mean, rstd):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _pick(x: torch.Tensor, csrc_fn: str) -> str:
-    provider = choose("modulate", x, PROVIDERS, csrc_fn)
-    if provider == "csrc" and x.dtype not in (torch.float32, torch.bfloat16):
-        provider = "ref"  # the C++ kernels store fp32 and bf16 only
-    if provider == "triton" and x.dtype == torch.float64:
-        provider = "ref"  # fp64 (gradcheck) stays on the reference
-    return provider
+def _provider(x: torch.Tensor, csrc_fn: str) -> str:
+    return choose("modulate", x, providers_for(x, PROVIDERS), csrc_fn)
 
 
 @torch.library.custom_op("mgkernels::modulate_fwd", mutates_args=())
 def modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    provider = _pick(x, "modulate_fwd")
+    provider = _provider(x, "modulate_fwd")
     impl = {"triton": _fwd_triton, "csrc": _fwd_csrc, "ref": _fwd_ref}[provider]
     return impl(x, shift, scale, eps)
 
@@ -231,7 +224,7 @@ def _(x, shift, scale, eps):
 
 @torch.library.custom_op("mgkernels::modulate_bwd", mutates_args=())
 def modulate_bwd(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    provider = _pick(x, "modulate_bwd")
+    provider = _provider(x, "modulate_bwd")
     impl = {"triton": _bwd_triton, "csrc": _bwd_csrc, "ref": _bwd_ref}[provider]
     return impl(dy, x, scale, mean, rstd)
 

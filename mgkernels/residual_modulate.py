@@ -16,11 +16,9 @@ Providers (mgkernels.dispatch): ``triton`` (CUDA, or the CPU interpreter), ``csr
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 
 from . import _ext
-from ._common import check_tokens, compute_dtype, per_sample, row_split, row_tile
+from ._common import check_tokens, compute_dtype, per_sample, providers_for, row_split, row_tile, tl, triton
 from .dispatch import choose
 from .modulate import _reduce_to, ln_modulate_bwd_ref
 
@@ -250,13 +248,8 @@ def _bwd_csrc(dy, dxnew, h, gate, x_new, scale, mean, rstd):
     return dx, dh.to(h.dtype), dgate, dshift, dscale
 
 
-def _pick(x, csrc_fn):
-    provider = choose("residual_modulate", x, PROVIDERS, csrc_fn)
-    if provider == "csrc" and x.dtype not in (torch.float32, torch.bfloat16):
-        provider = "ref"  # the C++ kernels store fp32 and bf16 only
-    if provider == "triton" and x.dtype == torch.float64:
-        provider = "ref"
-    return provider
+def _provider(x: torch.Tensor, csrc_fn: str) -> str:
+    return choose("residual_modulate", x, providers_for(x, PROVIDERS), csrc_fn)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -268,7 +261,7 @@ def _pick(x, csrc_fn):
 def residual_modulate_fwd(
     x: torch.Tensor, h: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor, scale: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = {"triton": _fwd_triton, "csrc": _fwd_csrc, "ref": _fwd_ref}[_pick(x, "residual_modulate_fwd")]
+    impl = {"triton": _fwd_triton, "csrc": _fwd_csrc, "ref": _fwd_ref}[_provider(x, "residual_modulate_fwd")]
     return impl(x, h, gate, shift, scale, eps)
 
 
@@ -284,7 +277,7 @@ def residual_modulate_bwd(
     dy: torch.Tensor, dxnew: torch.Tensor | None, h: torch.Tensor, gate: torch.Tensor | None,
     x_new: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    impl = {"triton": _bwd_triton, "csrc": _bwd_csrc, "ref": _bwd_ref}[_pick(x_new, "residual_modulate_bwd")]
+    impl = {"triton": _bwd_triton, "csrc": _bwd_csrc, "ref": _bwd_ref}[_provider(x_new, "residual_modulate_bwd")]
     return impl(dy, dxnew, h, gate, x_new, scale, mean, rstd)
 
 

@@ -47,20 +47,12 @@ import torch.nn.functional as F
 
 from .dispatch import choose, interpreter_enabled
 
-try:  # Triton is optional: without it only the reference runs.
-    import triton
-    import triton.language as tl
-
-    from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
-
-    _HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    _HAS_TRITON = False
+from ._common import pow2, providers_for, tl, triton
+from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
 
 __all__ = ["st_attention", "st_attention_ref", "STAttentionFunction", "MODES"]
 
 MODES = ("spatial", "temporal")
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LN2 = math.log(2.0)
 _LOG2E = 1.0 / _LN2
 
@@ -171,258 +163,256 @@ def _ref_bwd(do: torch.Tensor, qkv: torch.Tensor, T: int, S: int, mode: str) -> 
 # Row strides arrive divided by VEC (elements per 16 bytes) and are multiplied back by the constexpr VEC.
 # ----------------------------------------------------------------------------------------------------------
 
-if _HAS_TRITON:
+@triton.jit
+def _tile_rows(pid, NB, H, NGP, G, L, GS, IS, BLOCK: tl.constexpr, PACK: tl.constexpr, LP: tl.constexpr):
+    """Decode a program id into (b, h, block index, the tile's token indices [BLOCK] int64, row validity,
+    pack slot of every row)."""
+    blk = pid % NB
+    rest = pid // NB
+    h = rest % H
+    rest = rest // H
+    gp = rest % NGP
+    b = rest // NGP
+    r = tl.arange(0, BLOCK)
+    if PACK > 1:
+        slot = r // LP
+        i = r % LP
+    else:
+        slot = r * 0
+        i = blk * BLOCK + r
+    g = gp * PACK + slot
+    ok = (i < L) & (g < G)
+    tok = g.to(tl.int64) * GS + i.to(tl.int64) * IS
+    return b, h, blk, tok, ok, slot
 
-    @triton.jit
-    def _tile_rows(pid, NB, H, NGP, G, L, GS, IS, BLOCK: tl.constexpr, PACK: tl.constexpr, LP: tl.constexpr):
-        """Decode a program id into (b, h, block index, the tile's token indices [BLOCK] int64, row validity,
-        pack slot of every row)."""
-        blk = pid % NB
-        rest = pid // NB
-        h = rest % H
-        rest = rest // H
-        gp = rest % NGP
-        b = rest // NGP
-        r = tl.arange(0, BLOCK)
-        if PACK > 1:
-            slot = r // LP
-            i = r % LP
-        else:
-            slot = r * 0
-            i = blk * BLOCK + r
-        g = gp * PACK + slot
-        ok = (i < L) & (g < G)
-        tok = g.to(tl.int64) * GS + i.to(tl.int64) * IS
-        return b, h, blk, tok, ok, slot
+@triton.jit
+def _st_attn_fwd_kernel(
+    QKV, OUT, LSE,
+    s_qb, s_qn, s_q3, s_qh, s_qd,
+    s_ob, s_on, s_oc,
+    s_lb, s_lh, s_ln,
+    H, G, L, GS, IS, NGP, NM,
+    sm_scale_log2,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+    PACK: tl.constexpr, LP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    b, h, blk, tok_m, ok_m, slot_m = _tile_rows(pid, NM, H, NGP, G, L, GS, IS, BLOCK_M, PACK, LP)
+    q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+    k_base = q_base + s_q3 * VEC
+    v_base = k_base + s_q3 * VEC
+    rows_m = tok_m * (s_qn * VEC)
+    q0, q1 = load_head(q_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
 
-    @triton.jit
-    def _st_attn_fwd_kernel(
-        QKV, OUT, LSE,
-        s_qb, s_qn, s_q3, s_qh, s_qd,
-        s_ob, s_on, s_oc,
-        s_lb, s_lh, s_ln,
-        H, G, L, GS, IS, NGP, NM,
-        sm_scale_log2,
-        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
-        PACK: tl.constexpr, LP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0).to(tl.int64)
-        b, h, blk, tok_m, ok_m, slot_m = _tile_rows(pid, NM, H, NGP, G, L, GS, IS, BLOCK_M, PACK, LP)
-        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
-        k_base = q_base + s_q3 * VEC
-        v_base = k_base + s_q3 * VEC
-        rows_m = tok_m * (s_qn * VEC)
-        q0, q1 = load_head(q_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
-
-        if PACK > 1:  # packed short sequences: the keys are the tile's own rows, block-diagonal mask
-            k0, k1 = load_head(k_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
-            v0, v1 = load_head(v_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
-            s = dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2
-            s = tl.where(ok_m[None, :] & (slot_m[:, None] == slot_m[None, :]), s, float("-inf"))
-            m_i = tl.max(s, 1)
-            m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # an empty pack slot: p = 0 instead of NaN
-            p = tl.exp2(s - m_i[:, None])
-            l_i = tl.sum(p, 1)
-            acc0 = mm(p.to(v0.dtype), v0, tl.zeros([BLOCK_M, D0], tl.float32), DOT_FP32)
-            acc1 = tl.zeros([BLOCK_M, D1A], tl.float32)
-            if D1 > 0:
-                acc1 = mm(p.to(v1.dtype), v1, acc1, DOT_FP32)
-        else:  # flash-attention-2 over the key blocks of one sequence
-            g_tok = (pid // NM // H % NGP).to(tl.int64) * GS  # first token of the sequence
-            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_M], tl.float32)
-            acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
-            acc1 = tl.zeros([BLOCK_M, D1A], tl.float32)
-            for start_n in range(0, L, BLOCK_N):
-                j = start_n + tl.arange(0, BLOCK_N)
-                ok_n = j < L
-                rows_n = (g_tok + j.to(tl.int64) * IS) * (s_qn * VEC)
-                k0, k1 = load_head(k_base, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-                v0, v1 = load_head(v_base, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-                s = dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2
-                s = tl.where(ok_n[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc0 = mm(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_FP32)
-                if D1 > 0:
-                    acc1 = mm(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_FP32)
-                m_i = m_new
-
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-        inv = 1.0 / l_safe
-        o_rows = tok_m * (s_on * VEC) + (h * HEAD_DIM) * s_oc
-        store_head(OUT + b * (s_ob * VEC), o_rows, ok_m, s_oc, acc0 * inv[:, None], acc1 * inv[:, None],
-                   HEAD_DIM, D0, D1)
-        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
-        tl.store(LSE + b * s_lb + h * s_lh + tok_m * s_ln, lse, mask=ok_m)
-
-    @triton.jit
-    def _st_attn_bwd_delta_kernel(
-        OUT, DO, DELTA,
-        s_ob, s_on, s_oc,
-        s_db, s_dn, s_dc,
-        s_lb, s_lh, s_ln,
-        N, H, NT,
-        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr,
-    ):  # fmt: skip
-        # delta[b, h, n] = sum_d dO[b, n, h*D + d] * O[b, n, h*D + d]; 1-D grid, token block fastest
-        pid = tl.program_id(0).to(tl.int64)
-        pid_t = pid % NT
-        h = pid // NT % H
-        b = pid // NT // H
-        tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-        ok = tok < N
-        o0, o1 = load_head(OUT + b * (s_ob * VEC), tok * (s_on * VEC) + (h * HEAD_DIM) * s_oc, ok, s_oc,
-                           HEAD_DIM, D0, D1)
-        do0, do1 = load_head(DO + b * (s_db * VEC), tok * (s_dn * VEC) + (h * HEAD_DIM) * s_dc, ok, s_dc,
-                             HEAD_DIM, D0, D1)
-        tl.store(DELTA + b * s_lb + h * s_lh + tok * s_ln, row_dot(o0, o1, do0, do1, D1), mask=ok)
-
-    @triton.jit
-    def _st_attn_bwd_dkdv_kernel(
-        QKV, DO, LSE, DELTA, DQKV,
-        s_qb, s_qn, s_q3, s_qh, s_qd,
-        s_db, s_dn, s_dc,
-        s_lb, s_lh, s_ln,
-        s_gb, s_gn, s_g3, s_gh, s_gd,
-        H, G, L, GS, IS, NGP, NN,
-        sm_scale, sm_scale_log2,
-        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    ):  # fmt: skip
-        # program (sequence, head, key block): dK, dV of BLOCK_N keys, looping over the query blocks
-        pid = tl.program_id(0).to(tl.int64)
-        b, h, blk, tok_n, ok_n, _ = _tile_rows(pid, NN, H, NGP, G, L, GS, IS, BLOCK_N, 1, BLOCK_N)
-        g_tok = (pid // NN // H % NGP).to(tl.int64) * GS
-        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
-        rows_n = tok_n * (s_qn * VEC)
-        k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-        v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-        do_base = DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc
-        l_base = LSE + b * s_lb + h * s_lh
-        d_base = DELTA + b * s_lb + h * s_lh
-
-        dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
-        dk1 = tl.zeros([BLOCK_N, D1A], tl.float32)
-        dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
-        dv1 = tl.zeros([BLOCK_N, D1A], tl.float32)
-        for start_m in range(0, L, BLOCK_M):
-            i = start_m + tl.arange(0, BLOCK_M)
-            ok_m = i < L
-            tok_m = g_tok + i.to(tl.int64) * IS
-            q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
-            do0, do1 = load_head(do_base, tok_m * (s_dn * VEC), ok_m, s_dc, HEAD_DIM, D0, D1)
-            lse = tl.load(l_base + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
-            delta = tl.load(d_base + tok_m * s_ln, mask=ok_m, other=0.0)
-            pT = tl.exp2(dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * sm_scale_log2 - lse[None, :])  # [BN, BM]
-            pT = tl.where(ok_m[None, :], pT, 0.0)
-            dv0 = mm(pT.to(do0.dtype), do0, dv0, DOT_FP32)
-            if D1 > 0:
-                dv1 = mm(pT.to(do1.dtype), do1, dv1, DOT_FP32)
-            dsT = pT * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) - delta[None, :])
-            dk0 = mm(dsT.to(q0.dtype), q0, dk0, DOT_FP32)
-            if D1 > 0:
-                dk1 = mm(dsT.to(q1.dtype), q1, dk1, DOT_FP32)
-
-        g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
-        g_rows = tok_n * (s_gn * VEC)
-        store_head(g_base + s_g3 * VEC, g_rows, ok_n, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
-        store_head(g_base + 2 * s_g3 * VEC, g_rows, ok_n, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
-
-    @triton.jit
-    def _st_attn_bwd_dq_kernel(
-        QKV, DO, LSE, DELTA, DQKV,
-        s_qb, s_qn, s_q3, s_qh, s_qd,
-        s_db, s_dn, s_dc,
-        s_lb, s_lh, s_ln,
-        s_gb, s_gn, s_g3, s_gh, s_gd,
-        H, G, L, GS, IS, NGP, NM,
-        sm_scale, sm_scale_log2,
-        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-    ):  # fmt: skip
-        # program (sequence, head, query block): dQ of BLOCK_M queries, looping over the key blocks
-        pid = tl.program_id(0).to(tl.int64)
-        b, h, blk, tok_m, ok_m, _ = _tile_rows(pid, NM, H, NGP, G, L, GS, IS, BLOCK_M, 1, BLOCK_M)
-        g_tok = (pid // NM // H % NGP).to(tl.int64) * GS
-        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
-        q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
-        do0, do1 = load_head(DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc, tok_m * (s_dn * VEC), ok_m, s_dc,
-                             HEAD_DIM, D0, D1)
-        lse = tl.load(LSE + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0)
-
-        dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
-        dq1 = tl.zeros([BLOCK_M, D1A], tl.float32)
+    if PACK > 1:  # packed short sequences: the keys are the tile's own rows, block-diagonal mask
+        k0, k1 = load_head(k_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
+        v0, v1 = load_head(v_base, rows_m, ok_m, s_qd, HEAD_DIM, D0, D1)
+        s = dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2
+        s = tl.where(ok_m[None, :] & (slot_m[:, None] == slot_m[None, :]), s, float("-inf"))
+        m_i = tl.max(s, 1)
+        m_i = tl.where(m_i == float("-inf"), 0.0, m_i)  # an empty pack slot: p = 0 instead of NaN
+        p = tl.exp2(s - m_i[:, None])
+        l_i = tl.sum(p, 1)
+        acc0 = mm(p.to(v0.dtype), v0, tl.zeros([BLOCK_M, D0], tl.float32), DOT_FP32)
+        acc1 = tl.zeros([BLOCK_M, D1A], tl.float32)
+        if D1 > 0:
+            acc1 = mm(p.to(v1.dtype), v1, acc1, DOT_FP32)
+    else:  # flash-attention-2 over the key blocks of one sequence
+        g_tok = (pid // NM // H % NGP).to(tl.int64) * GS  # first token of the sequence
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
+        acc1 = tl.zeros([BLOCK_M, D1A], tl.float32)
         for start_n in range(0, L, BLOCK_N):
             j = start_n + tl.arange(0, BLOCK_N)
             ok_n = j < L
             rows_n = (g_tok + j.to(tl.int64) * IS) * (s_qn * VEC)
-            k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-            v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-            p = tl.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2 - lse[:, None])
-            p = tl.where(ok_n[None, :], p, 0.0)
-            ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) - delta[:, None])
-            dq0 = mm(ds.to(k0.dtype), k0, dq0, DOT_FP32)
+            k0, k1 = load_head(k_base, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+            v0, v1 = load_head(v_base, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+            s = dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2
+            s = tl.where(ok_n[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block holds a valid key
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc0 = mm(p.to(v0.dtype), v0, acc0 * alpha[:, None], DOT_FP32)
             if D1 > 0:
-                dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
+                acc1 = mm(p.to(v1.dtype), v1, acc1 * alpha[:, None], DOT_FP32)
+            m_i = m_new
 
-        store_head(DQKV + b * (s_gb * VEC) + h * (s_gh * VEC), tok_m * (s_gn * VEC), ok_m, s_gd,
-                   dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    inv = 1.0 / l_safe
+    o_rows = tok_m * (s_on * VEC) + (h * HEAD_DIM) * s_oc
+    store_head(OUT + b * (s_ob * VEC), o_rows, ok_m, s_oc, acc0 * inv[:, None], acc1 * inv[:, None],
+               HEAD_DIM, D0, D1)
+    lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453  # natural log
+    tl.store(LSE + b * s_lb + h * s_lh + tok_m * s_ln, lse, mask=ok_m)
 
-    @triton.jit
-    def _st_attn_bwd_packed_kernel(
-        QKV, OUT, DO, LSE, DQKV,
-        s_qb, s_qn, s_q3, s_qh, s_qd,
-        s_ob, s_on, s_oc,
-        s_db, s_dn, s_dc,
-        s_lb, s_lh, s_ln,
-        s_gb, s_gn, s_g3, s_gh, s_gd,
-        H, G, L, GS, IS, NGP,
-        sm_scale, sm_scale_log2,
-        HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
-        PACK: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
-    ):  # fmt: skip
-        # whole sequences in one tile (PACK of them, block-diagonal): delta, dQ, dK, dV in one program
-        pid = tl.program_id(0).to(tl.int64)
-        b, h, blk, tok, ok, slot = _tile_rows(pid, 1, H, NGP, G, L, GS, IS, BLOCK, PACK, LP)
-        q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
-        rows = tok * (s_qn * VEC)
-        q0, q1 = load_head(q_base, rows, ok, s_qd, HEAD_DIM, D0, D1)
-        k0, k1 = load_head(q_base + s_q3 * VEC, rows, ok, s_qd, HEAD_DIM, D0, D1)
-        v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows, ok, s_qd, HEAD_DIM, D0, D1)
-        o0, o1 = load_head(OUT + b * (s_ob * VEC) + (h * HEAD_DIM) * s_oc, tok * (s_on * VEC), ok, s_oc,
-                           HEAD_DIM, D0, D1)
-        do0, do1 = load_head(DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc, tok * (s_dn * VEC), ok, s_dc,
-                             HEAD_DIM, D0, D1)
-        delta = row_dot(o0, o1, do0, do1, D1)
-        lse = tl.load(LSE + b * s_lb + h * s_lh + tok * s_ln, mask=ok, other=0.0) * 1.4426950408889634
+@triton.jit
+def _st_attn_bwd_delta_kernel(
+    OUT, DO, DELTA,
+    s_ob, s_on, s_oc,
+    s_db, s_dn, s_dc,
+    s_lb, s_lh, s_ln,
+    N, H, NT,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    # delta[b, h, n] = sum_d dO[b, n, h*D + d] * O[b, n, h*D + d]; 1-D grid, token block fastest
+    pid = tl.program_id(0).to(tl.int64)
+    pid_t = pid % NT
+    h = pid // NT % H
+    b = pid // NT // H
+    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
+    ok = tok < N
+    o0, o1 = load_head(OUT + b * (s_ob * VEC), tok * (s_on * VEC) + (h * HEAD_DIM) * s_oc, ok, s_oc,
+                       HEAD_DIM, D0, D1)
+    do0, do1 = load_head(DO + b * (s_db * VEC), tok * (s_dn * VEC) + (h * HEAD_DIM) * s_dc, ok, s_dc,
+                         HEAD_DIM, D0, D1)
+    tl.store(DELTA + b * s_lb + h * s_lh + tok * s_ln, row_dot(o0, o1, do0, do1, D1), mask=ok)
 
-        p = tl.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2 - lse[:, None])  # [BLOCK, BLOCK]
-        p = tl.where(ok[:, None] & ok[None, :] & (slot[:, None] == slot[None, :]), p, 0.0)
-        ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) - delta[:, None])
-        pT = tl.trans(p).to(do0.dtype)
-        dsT = tl.trans(ds)
-        g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
-        g_rows = tok * (s_gn * VEC)
-        dv0 = mm(pT, do0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
-        dv1 = tl.zeros([BLOCK, D1A], tl.float32)
+@triton.jit
+def _st_attn_bwd_dkdv_kernel(
+    QKV, DO, LSE, DELTA, DQKV,
+    s_qb, s_qn, s_q3, s_qh, s_qd,
+    s_db, s_dn, s_dc,
+    s_lb, s_lh, s_ln,
+    s_gb, s_gn, s_g3, s_gh, s_gd,
+    H, G, L, GS, IS, NGP, NN,
+    sm_scale, sm_scale_log2,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    # program (sequence, head, key block): dK, dV of BLOCK_N keys, looping over the query blocks
+    pid = tl.program_id(0).to(tl.int64)
+    b, h, blk, tok_n, ok_n, _ = _tile_rows(pid, NN, H, NGP, G, L, GS, IS, BLOCK_N, 1, BLOCK_N)
+    g_tok = (pid // NN // H % NGP).to(tl.int64) * GS
+    q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+    rows_n = tok_n * (s_qn * VEC)
+    k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+    v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+    do_base = DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc
+    l_base = LSE + b * s_lb + h * s_lh
+    d_base = DELTA + b * s_lb + h * s_lh
+
+    dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dk1 = tl.zeros([BLOCK_N, D1A], tl.float32)
+    dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
+    dv1 = tl.zeros([BLOCK_N, D1A], tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        i = start_m + tl.arange(0, BLOCK_M)
+        ok_m = i < L
+        tok_m = g_tok + i.to(tl.int64) * IS
+        q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
+        do0, do1 = load_head(do_base, tok_m * (s_dn * VEC), ok_m, s_dc, HEAD_DIM, D0, D1)
+        lse = tl.load(l_base + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(d_base + tok_m * s_ln, mask=ok_m, other=0.0)
+        pT = tl.exp2(dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * sm_scale_log2 - lse[None, :])  # [BN, BM]
+        pT = tl.where(ok_m[None, :], pT, 0.0)
+        dv0 = mm(pT.to(do0.dtype), do0, dv0, DOT_FP32)
         if D1 > 0:
-            dv1 = mm(pT, do1, dv1, DOT_FP32)
-        store_head(g_base + 2 * s_g3 * VEC, g_rows, ok, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
-        dq0 = mm(ds.to(k0.dtype), k0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
-        dq1 = tl.zeros([BLOCK, D1A], tl.float32)
-        if D1 > 0:
-            dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
-        store_head(g_base, g_rows, ok, s_gd, dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
-        dk0 = mm(dsT.to(q0.dtype), q0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
-        dk1 = tl.zeros([BLOCK, D1A], tl.float32)
+            dv1 = mm(pT.to(do1.dtype), do1, dv1, DOT_FP32)
+        dsT = pT * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) - delta[None, :])
+        dk0 = mm(dsT.to(q0.dtype), q0, dk0, DOT_FP32)
         if D1 > 0:
             dk1 = mm(dsT.to(q1.dtype), q1, dk1, DOT_FP32)
-        store_head(g_base + s_g3 * VEC, g_rows, ok, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
+
+    g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
+    g_rows = tok_n * (s_gn * VEC)
+    store_head(g_base + s_g3 * VEC, g_rows, ok_n, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
+    store_head(g_base + 2 * s_g3 * VEC, g_rows, ok_n, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
+
+@triton.jit
+def _st_attn_bwd_dq_kernel(
+    QKV, DO, LSE, DELTA, DQKV,
+    s_qb, s_qn, s_q3, s_qh, s_qd,
+    s_db, s_dn, s_dc,
+    s_lb, s_lh, s_ln,
+    s_gb, s_gn, s_g3, s_gh, s_gd,
+    H, G, L, GS, IS, NGP, NM,
+    sm_scale, sm_scale_log2,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    # program (sequence, head, query block): dQ of BLOCK_M queries, looping over the key blocks
+    pid = tl.program_id(0).to(tl.int64)
+    b, h, blk, tok_m, ok_m, _ = _tile_rows(pid, NM, H, NGP, G, L, GS, IS, BLOCK_M, 1, BLOCK_M)
+    g_tok = (pid // NM // H % NGP).to(tl.int64) * GS
+    q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+    q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
+    do0, do1 = load_head(DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc, tok_m * (s_dn * VEC), ok_m, s_dc,
+                         HEAD_DIM, D0, D1)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0)
+
+    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
+    dq1 = tl.zeros([BLOCK_M, D1A], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        j = start_n + tl.arange(0, BLOCK_N)
+        ok_n = j < L
+        rows_n = (g_tok + j.to(tl.int64) * IS) * (s_qn * VEC)
+        k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+        v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+        p = tl.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2 - lse[:, None])
+        p = tl.where(ok_n[None, :], p, 0.0)
+        ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) - delta[:, None])
+        dq0 = mm(ds.to(k0.dtype), k0, dq0, DOT_FP32)
+        if D1 > 0:
+            dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
+
+    store_head(DQKV + b * (s_gb * VEC) + h * (s_gh * VEC), tok_m * (s_gn * VEC), ok_m, s_gd,
+               dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
+
+@triton.jit
+def _st_attn_bwd_packed_kernel(
+    QKV, OUT, DO, LSE, DQKV,
+    s_qb, s_qn, s_q3, s_qh, s_qd,
+    s_ob, s_on, s_oc,
+    s_db, s_dn, s_dc,
+    s_lb, s_lh, s_ln,
+    s_gb, s_gn, s_g3, s_gh, s_gd,
+    H, G, L, GS, IS, NGP,
+    sm_scale, sm_scale_log2,
+    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
+    PACK: tl.constexpr, LP: tl.constexpr, BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    # whole sequences in one tile (PACK of them, block-diagonal): delta, dQ, dK, dV in one program
+    pid = tl.program_id(0).to(tl.int64)
+    b, h, blk, tok, ok, slot = _tile_rows(pid, 1, H, NGP, G, L, GS, IS, BLOCK, PACK, LP)
+    q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
+    rows = tok * (s_qn * VEC)
+    q0, q1 = load_head(q_base, rows, ok, s_qd, HEAD_DIM, D0, D1)
+    k0, k1 = load_head(q_base + s_q3 * VEC, rows, ok, s_qd, HEAD_DIM, D0, D1)
+    v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows, ok, s_qd, HEAD_DIM, D0, D1)
+    o0, o1 = load_head(OUT + b * (s_ob * VEC) + (h * HEAD_DIM) * s_oc, tok * (s_on * VEC), ok, s_oc,
+                       HEAD_DIM, D0, D1)
+    do0, do1 = load_head(DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc, tok * (s_dn * VEC), ok, s_dc,
+                         HEAD_DIM, D0, D1)
+    delta = row_dot(o0, o1, do0, do1, D1)
+    lse = tl.load(LSE + b * s_lb + h * s_lh + tok * s_ln, mask=ok, other=0.0) * 1.4426950408889634
+
+    p = tl.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2 - lse[:, None])  # [BLOCK, BLOCK]
+    p = tl.where(ok[:, None] & ok[None, :] & (slot[:, None] == slot[None, :]), p, 0.0)
+    ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) - delta[:, None])
+    pT = tl.trans(p).to(do0.dtype)
+    dsT = tl.trans(ds)
+    g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
+    g_rows = tok * (s_gn * VEC)
+    dv0 = mm(pT, do0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
+    dv1 = tl.zeros([BLOCK, D1A], tl.float32)
+    if D1 > 0:
+        dv1 = mm(pT, do1, dv1, DOT_FP32)
+    store_head(g_base + 2 * s_g3 * VEC, g_rows, ok, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
+    dq0 = mm(ds.to(k0.dtype), k0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
+    dq1 = tl.zeros([BLOCK, D1A], tl.float32)
+    if D1 > 0:
+        dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
+    store_head(g_base, g_rows, ok, s_gd, dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
+    dk0 = mm(dsT.to(q0.dtype), q0, tl.zeros([BLOCK, D0], tl.float32), DOT_FP32)
+    dk1 = tl.zeros([BLOCK, D1A], tl.float32)
+    if D1 > 0:
+        dk1 = mm(dsT.to(q1.dtype), q1, dk1, DOT_FP32)
+    store_head(g_base + s_g3 * VEC, g_rows, ok, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,10 +423,6 @@ if _HAS_TRITON:
 def _geometry(T: int, S: int, mode: str) -> tuple[int, int, int, int]:
     """(G groups per batch element, L sequence length, GS group stride, IS element stride) in tokens."""
     return (T, S, S, 1) if mode == "spatial" else (S, T, 1, S)
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def _dot_fp32(dtype: torch.dtype) -> bool:
@@ -459,7 +445,7 @@ _FLASH = {  # (BLOCK_M, BLOCK_N, warps, stages) forward / dQ; (BLOCK_M, BLOCK_N,
 def _config(L: int, D: int, dtype: torch.dtype) -> dict:
     kind = "fp32" if dtype == torch.float32 else "tc"
     D0, D1 = head_split(D)
-    lp = _pow2(L)
+    lp = pow2(L)
     rows, warps = _PACK[kind]
     cfg = dict(D0=D0, D1=D1, D1A=D1 or 16, HEAD_DIM=D, packed=lp <= rows)
     if cfg["packed"]:
@@ -560,9 +546,7 @@ def _st_attention_bwd_triton(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tenso
 
 
 def _provider(qkv: torch.Tensor) -> str:
-    if not _HAS_TRITON or qkv.dtype not in _TRITON_DTYPES:
-        return "ref"
-    return choose("st_attention", qkv, ("triton", "ref"))
+    return choose("st_attention", qkv, providers_for(qkv, ("triton", "ref")))
 
 
 @torch.library.custom_op("mgkernels::st_attention_fwd", mutates_args=())

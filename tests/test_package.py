@@ -30,6 +30,35 @@ def test_import_without_extension():
     assert r.stdout.split()[0] == "False" and "MG_NO_EXT" in r.stdout
 
 
+def test_runs_without_triton(tmp_path):
+    """Triton is optional on a CPU: with it unimportable, modelgrow imports, the model runs (reference /
+    csrc providers, identical to the default run) and an explicit MG_KERNELS=triton says why it cannot."""
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['triton'] = None\n")
+    code = (
+        "import torch, mgkernels, modelgrow\n"
+        "from mgkernels import dispatch\n"
+        "from modelgrow.models import create_model\n"
+        "assert not dispatch.triton_available()\n"
+        "torch.manual_seed(0)\n"
+        "m = create_model('STDiT-tiny').eval()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "args = (torch.randn(2, 4, 4, 8, 8, generator=g), torch.tensor([10.0, 600.0]), torch.randn(2, 1, 8, 32, generator=g))\n"
+        "with torch.no_grad():\n"
+        "    out = m(*args)\n"
+        "    with mgkernels.use('ref'):\n"
+        "        ref = m(*args)\n"
+        "torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)\n"
+        "try:\n"
+        "    with mgkernels.use('triton'), torch.no_grad():\n"
+        "        m(*args)\n"
+        "except dispatch.KernelUnavailable as e:\n"
+        "    print('unavailable:', e)\n"
+    )
+    env = {"PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}", "TRITON_INTERPRET": "0"}
+    r = _run(["-c", code], env)
+    assert "unavailable:" in r.stdout and "triton is not installed" in r.stdout, r.stdout
+
+
 def test_import_with_extension_when_built():
     built = list((ROOT / "mgkernels").glob("_C*.so"))
     r = _run(["-c", "import modelgrow, mgkernels, json; print(json.dumps(mgkernels.build_info()))"])
