@@ -43,7 +43,7 @@ def _diffusers():
     try:
         import diffusers  # noqa: F401
     except ImportError as e:  # pragma: no cover - diffusers is a core dependency of inference
-        raise ImportError("sampling needs diffusers: pip install 'modelgrow[inference]' (or pip install diffusers)") from e
+        raise ImportError("sampling needs diffusers: pip install 'modelgrow[vae]' (it brings diffusers)") from e
     from diffusers import ConfigMixin, SchedulerMixin
     from diffusers.configuration_utils import register_to_config
 
