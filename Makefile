@@ -10,7 +10,7 @@ PINS   := -c constraints.txt torch==2.13.0 triton==3.7.1
 STAMP  := $(VENV)/.modelgrow-installed
 EXTRAS ?= dev,text,vae,video,dali,train,eval
 
-.PHONY: install demo test clean-ext
+.PHONY: install demo test test-fast test-kernels clean-ext
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# tiers for developers (CI runs `make test`: all of them)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m unit
+
+test-kernels: $(STAMP)
+	$(PY) -m pytest -q -m kernels
 
 clean-ext:
 	rm -f mgkernels/_C*.so $(STAMP)
