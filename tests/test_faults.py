@@ -437,3 +437,31 @@ def test_resume_compares_resolved_model_sizes():
     old["model"]["input_size"] = [8, 32, 32]
     applied, refused = _resume_diff(_resolve_model_sizes(old), _resolve_model_sizes(now))
     assert not applied and list(refused) == ["model.input_size"]
+
+
+def test_non_utf8_manifest_names_the_file(tmp_path):
+    from modelgrow.data.manifest import ManifestError, load_manifest
+
+    f = tmp_path / "clips.csv"
+    f.write_bytes("path,text\nvideo.mp4,caf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(ManifestError, match=r"clips\.csv: not UTF-8 text.*re-save"):
+        load_manifest(f)
+
+
+def test_interrupted_checkpoint_write_is_named_with_the_fallback(tmp_path):
+    trainer = Trainer(load_config(None, [
+        "--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
+        "--model.model_max_length", "8", "--train.steps", "2", "--train.output_dir", str(tmp_path / "run"),
+        "--train.mixed_precision", "fp32", "--checkpoint.every_steps", "2"]),
+        loader=RandomLatentLoader(2, (4, 4, 8, 8), (8, 32), seed=1), log=lambda *_: None)
+    trainer.fit()
+    root = tmp_path / "run" / "checkpoints"
+    tmp = root / "step_00000004.tmp"
+    tmp.mkdir()  # what kill -9 during a save leaves
+    (tmp / "__0_0.distcp").write_bytes(b"partial")
+    with pytest.raises(FileNotFoundError, match=r"step_00000004\.tmp is an interrupted checkpoint write.*newest complete one is .*step_00000002"):
+        ckpt.read_meta(tmp)
+    from modelgrow.train.export import export_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="interrupted checkpoint write"):
+        export_checkpoint(tmp, tmp_path / "out")

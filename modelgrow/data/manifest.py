@@ -60,10 +60,14 @@ def _missing(v: Any) -> bool:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        columns = list(reader.fieldnames or [])
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); re-save the manifest as UTF-8, "
+                            f"e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.csv") from None
     return columns, rows
 
 

@@ -304,7 +304,7 @@ def load_checkpoint(path: str | Path, model, optimizer, ema) -> dict[str, Any]:
     """Restore model, optimizer and EMA in place; returns this rank's extra state."""
     path = Path(path)
     if not (path / "meta.json").exists():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (meta.json missing)")
+        raise FileNotFoundError(_incomplete(path))
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd, "ema": ema.state_dict()}
     dcp_load(state, path)
@@ -330,10 +330,20 @@ def load_extra(extra_file: str | Path) -> dict[str, Any]:
     return extra
 
 
+def _incomplete(path: Path) -> str:
+    """Why ``path`` is not a complete checkpoint, and what to use instead."""
+    if path.name.endswith(".tmp"):
+        done = list_checkpoints(path.parent)
+        use = f"the newest complete one is {done[-1]}" if done else "there is no complete checkpoint beside it"
+        return (f"{path} is an interrupted checkpoint write (the run stopped while saving it; it is deleted on the "
+                f"next save): {use}")
+    return f"{path} is not a complete modelgrow training checkpoint (meta.json missing)"
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
     f = Path(path) / "meta.json"
     if not f.exists():
-        raise FileNotFoundError(f"{f} not found: {path} is not a complete modelgrow training checkpoint")
+        raise FileNotFoundError(_incomplete(Path(path)))
     try:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
