@@ -10,7 +10,7 @@ from modelgrow.cli import main as cli
 from modelgrow.config import load_config
 from modelgrow.models import STDiT, create_model
 
-from .helpers import randomize_
+from .helpers import build_tiny_pipeline
 
 
 def test_preset_keeps_its_sizes_unless_overridden():
@@ -71,25 +71,7 @@ def test_version_and_help(capsys):
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    import diffusers
-
-    from modelgrow.pipeline import ModelGrowPipeline
-    from modelgrow.text import T5Encoder
-    from modelgrow.text.tiny import build_tiny_t5
-    from modelgrow.vae import VideoVAE
-
-    d = tmp_path_factory.mktemp("pipe")
-    build_tiny_t5(str(d / "t5"))
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-                            layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4).save_pretrained(d / "vae")
-    model = randomize_(STDiT(depth=2, hidden_size=32, num_heads=4, caption_channels=32, model_max_length=8,
-                             input_size=(3, 4, 4))).eval()
-    pipe = ModelGrowPipeline(model, VideoVAE.from_pretrained(d / "vae", micro_batch_size=2),
-                             T5Encoder(str(d / "t5"), max_length=8, device="cpu"),
-                             config={"sampler": "ddim", "num_inference_steps": 2, "fps": 5})
-    pipe.save_pretrained(d / "pipeline")
-    return d / "pipeline"
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipe"), sampler="ddim", num_inference_steps=2, fps=5)
 
 
 def test_sample_takes_sizes_and_sampling_defaults_from_the_pipeline(pipe_dir, tmp_path, capsys):

@@ -3,10 +3,7 @@ settings are never silently ignored, and every error names its file, key or argu
 
 from __future__ import annotations
 
-import json
 import os
-import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +14,7 @@ from modelgrow.models.checkpoint import CheckpointMismatchError
 from modelgrow.train import RandomLatentLoader, Trainer
 from modelgrow.train import checkpoint as ckpt
 
-from .helpers import randomize_
+from .helpers import build_tiny_pipeline, randomize_
 
 BASE = ["--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
         "--model.model_max_length", "8", "--train.log_every", "1", "--train.mixed_precision", "fp32", "--optim.lr", "1e-3"]
@@ -287,25 +284,7 @@ def test_growth_in_any_order_leaves_no_dead_branch(order):
 
 @pytest.fixture(scope="module")
 def pipe_dir(tmp_path_factory):
-    import diffusers
-
-    from modelgrow.pipeline import ModelGrowPipeline
-    from modelgrow.text import T5Encoder
-    from modelgrow.text.tiny import build_tiny_t5
-    from modelgrow.vae import VideoVAE
-
-    d = tmp_path_factory.mktemp("pipe")
-    build_tiny_t5(str(d / "t5"))
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-                            layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4).save_pretrained(d / "vae")
-    model = randomize_(STDiT(depth=2, hidden_size=32, num_heads=4, caption_channels=32, model_max_length=8,
-                             input_size=(3, 4, 4))).eval()
-    pipe = ModelGrowPipeline(model, VideoVAE.from_pretrained(d / "vae", micro_batch_size=2),
-                             T5Encoder(str(d / "t5"), max_length=8, device="cpu"),
-                             config={"sampler": "ddim", "num_inference_steps": 2, "t5_max_length": 8})
-    pipe.save_pretrained(d / "pipeline")
-    return d / "pipeline"
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipe"), sampler="ddim", num_inference_steps=2, t5_max_length=8)
 
 
 def _load_pipe(pipe_dir):

@@ -89,3 +89,15 @@ def tolerate_broken_mistral_common() -> None:
                                       "transformers_module", None)):
         if mod is not None and "MistralCommonBackend" not in vars(mod):
             mod.MistralCommonBackend = placeholder
+
+
+def generation_kwargs(max_new_tokens: int, do_sample: bool, pad_id: int | None, temperature: float,
+                      top_p: float) -> dict:
+    """``generate()`` arguments shared by the recaptioners: sampling with temperature / top-p (no top-k), or
+    greedy with the sampling knobs cleared (so a model's generation_config does not warn or leak them in)."""
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id)
+    if do_sample:
+        kw.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    return kw

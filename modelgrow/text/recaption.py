@@ -41,7 +41,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ._common import check_local_dir, freeze, load_pretrained, resolve_device, resolve_dtype
+from ._common import check_local_dir, freeze, generation_kwargs, load_pretrained, resolve_device, resolve_dtype
 from .prompts import PROMPT_MODES, merge_prompt
 
 __all__ = ["Recaptioner", "RECAPTION_INSTRUCTION", "recaption_instruction", "count_words", "fit_word_range",
@@ -224,11 +224,7 @@ class Recaptioner:
         for b in range(0, len(prompts), self.batch_size):
             chunk = prompts[b : b + self.batch_size]
             ids, att = self._encode_inputs(chunk)
-            kw = dict(max_new_tokens=self.max_new_tokens, do_sample=do_sample, pad_token_id=self.pad_id)
-            if do_sample:
-                kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-            else:
-                kw.update(temperature=None, top_p=None, top_k=None)
+            kw = generation_kwargs(self.max_new_tokens, do_sample, self.pad_id, self.temperature, self.top_p)
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed + b)
                 gen = self.model.generate(input_ids=ids.to(self.device), attention_mask=att.to(self.device), **kw)

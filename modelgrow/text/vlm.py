@@ -28,6 +28,7 @@ import torch
 from ._common import (
     check_local_dir,
     freeze,
+    generation_kwargs,
     load_pretrained,
     resolve_device,
     resolve_dtype,
@@ -126,11 +127,7 @@ class VLM:
             inputs = self.prepare(videos[b : b + self.batch_size], texts[b : b + self.batch_size])
             inputs = {k: (v.to(self.device, self.dtype) if v.is_floating_point() else v.to(self.device))
                       if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-            kw = dict(max_new_tokens=self.max_new_tokens, do_sample=do_sample, pad_token_id=self.pad_id)
-            if do_sample:
-                kw.update(temperature=self.temperature, top_p=self.top_p, top_k=0)
-            else:
-                kw.update(temperature=None, top_p=None, top_k=None)
+            kw = generation_kwargs(self.max_new_tokens, do_sample, self.pad_id, self.temperature, self.top_p)
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed + b)
                 gen = self.model.generate(**inputs, **kw)
