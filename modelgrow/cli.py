@@ -358,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output pretrained dir")
     p.add_argument("--strategy", dest="_strategy", default=None, choices=["insert", "prefix", "suffix", "none"],
                    help="shorthand for --grow.strategy")
-    p.add_argument("--ratio", dest="_ratio", default=None, help="shorthand for --grow.ratio (k, e.g. 1, 0.5, 2)")
-    p.add_argument("--num-new", dest="_num_new", default=None, help="shorthand for --grow.num_new (P new blocks)")
+    p.add_argument("--ratio", dest="_ratio", default=None, metavar="K", help="shorthand for --grow.ratio (k, e.g. 1, 0.5, 2)")
+    p.add_argument("--num-new", dest="_num_new", default=None, metavar="P", help="shorthand for --grow.num_new (P new blocks)")
     p.add_argument("--llm", dest="_llm", default=None, type=int, metavar="CHANNELS",
                    help="shorthand for --grow.llm true --grow.llm_channels CHANNELS")
     p.set_defaults(func=cmd_grow)
