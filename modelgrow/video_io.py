@@ -19,7 +19,7 @@ def _av():
     try:
         import av
     except ImportError:
-        raise ImportError("video files need PyAV: pip install 'modelgrow[video]' (av, imageio-ffmpeg)") from None
+        raise ImportError("video files need PyAV: pip install 'modelgrow[video]' (PyAV)") from None
     return av
 
 
