@@ -1,5 +1,7 @@
 """STDiT-XL/2's state dict against Open-Sora v1.0's published structure, built on the meta device."""
 
+import math
+
 import torch
 
 from modelgrow.models import OPENSORA_V1_16x256x256, count_parameters, create_model
@@ -57,6 +59,10 @@ def test_xl2_parameter_count_and_meta_construction():
     m = _xl2()
     assert all(p.is_meta for p in m.parameters())  # nothing was allocated
     assert count_parameters(m) == 759_620_768
+    # the same number from the published key list alone (v1.0.0's own STDiT-XL/2 gives it too, see
+    # docs/opensora_v1_fidelity.md): every key but the three buffers is a parameter
+    buffers = {"pos_embed", "pos_embed_temporal", "y_embedder.y_embedding"}
+    assert sum(math.prod(s) for k, s in expected_opensora_v1_xl2_keys().items() if k not in buffers) == 759_620_768
     # buffers: the position tables and the null caption are not parameters
     assert {n for n, _ in m.named_buffers()} == {"pos_embed", "pos_embed_temporal", "y_embedder.y_embedding"}
     assert (m.num_temporal, m.num_spatial, m.out_channels) == (16, 256, 8)

@@ -26,6 +26,7 @@ PROMPTS = [
 # ------------------------------------------------------------------------------------------------------------
 
 
+# every expected value below is what Open-Sora v1.0.0's own T5Embedder.text_preprocessing (ftfy + bs4) returns
 @pytest.mark.parametrize(
     "raw, expected",
     [

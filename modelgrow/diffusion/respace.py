@@ -63,7 +63,7 @@ class SpacedDiffusion(GaussianDiffusion):
     :param float32_betas: False (default) keeps the re-derived betas float64 (``np.array(new_betas)``), as
         Open-Sora **v1.0.0**, DiT and guided-diffusion do; True rounds them to float32 first
         (``torch.FloatTensor(new_betas)``), which first appears in Open-Sora v1.1.0 (respaced betas then
-        differ by up to 2.7e-8).
+        differ by up to 2.9e-8: 2.7e-8 at 10 steps, 7.4e-9 at 100).
     """
 
     def __init__(self, use_timesteps, *, float32_betas: bool = False, **kwargs):

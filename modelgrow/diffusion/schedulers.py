@@ -5,8 +5,8 @@
     x0 = denoise(scheduler, model_fn, noise, num_inference_steps=20)
 
 The fast samplers are diffusers' own classes, configured for Open-Sora v1.0's training schedule (linear betas
-1e-4 .. 0.02 over 1000 steps, eps prediction) with the "trailing" timestep grid (the first model call at
-t = 999) and a final jump to the clean sample:
+1e-4 .. 0.02 over 1000 steps, eps prediction; diffusers builds the betas in float32, v1.0 in float64) with
+the "trailing" timestep grid (the first model call at t = 999) and a final jump to the clean sample:
 
 * ``ddim``       ``DDIMScheduler`` (eta = 0, ``set_alpha_to_one=True``);
 * ``dpm-solver`` ``DPMSolverMultistepScheduler`` (``dpmsolver++``, order 2, ``final_sigmas_type="zero"``);

@@ -160,9 +160,11 @@ def detect_format(sd: Mapping[str, torch.Tensor]) -> str:
 
 
 def convert_pixart(sd: Mapping[str, torch.Tensor], model: STDiT) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """PixArt-alpha -> STDiT: the 2-D patch-embedding kernel gains a temporal axis of size 1, and every
-    block's temporal attention is filled from the model (qkv as initialised, proj zero), so the converted
-    STDiT computes PixArt's function on each frame. Returns (state dict, keys filled by the conversion)."""
+    """PixArt-alpha -> STDiT: the 2-D patch-embedding kernel gains a temporal axis of size 1 (``unsqueeze(2)``
+    as Open-Sora v1.0's ``reparameter``), and every block's temporal attention is filled from the model (qkv
+    as initialised, proj zero, as v1.0's non-strict load leaves them), so the converted STDiT computes
+    PixArt's blocks on each frame, with the model's own spatial position table (v1.0 too drops the file's
+    ``pos_embed``). Returns (state dict, keys filled by the conversion)."""
     out = dict(sd)
     w = out.get("x_embedder.proj.weight")
     if w is not None and w.ndim == 4:

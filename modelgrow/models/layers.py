@@ -1,4 +1,6 @@
-"""Building blocks of STDiT, numerically identical to Open-Sora v1.0 (``opensora/models/layers/blocks.py``).
+"""Building blocks of STDiT: the same functions as Open-Sora v1.0.0's ``opensora/models/layers/blocks.py``
+(checked against that file, see docs/opensora_v1_fidelity.md; in float32/bf16 the fused kernels differ from
+its eager code by round-off only).
 
 Module and parameter names are part of the contract: a released Open-Sora v1.0 state dict must load with
 ``strict=True``. Where Open-Sora's arithmetic has a precision quirk (timestep features in float32, the
@@ -21,7 +23,8 @@ from mgkernels.st_attention import st_attention
 
 
 def approx_gelu() -> nn.Module:
-    """GELU with the tanh approximation, the activation of every MLP in PixArt/Open-Sora."""
+    """GELU with the tanh approximation: the activation of the block MLPs and the caption projection in
+    PixArt/Open-Sora (the timestep MLP uses SiLU)."""
     return nn.GELU(approximate="tanh")
 
 
@@ -145,7 +148,9 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
         """[B] (possibly fractional) timesteps -> [B, dim] cos/sin features, always computed in float32
-        (Open-Sora quirk kept on purpose: the features are float32 whatever the model dtype)."""
+        (Open-Sora quirk kept on purpose: the features are float32 whatever the model dtype). Open-Sora builds
+        the frequencies on the CPU and then moves them; here they are built on ``t``'s device (identical on
+        the CPU, possibly 1 ulp apart on a GPU)."""
         half = dim // 2
         exponent = -math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32, device=t.device)
         freqs = torch.exp(exponent / half)  # [half]
@@ -199,7 +204,10 @@ class Attention(nn.Module):
     Parameters ``qkv`` and ``proj`` as in Open-Sora. The attention itself goes through
     ``F.scaled_dot_product_attention``. In float64 the softmax is taken in float32, exactly as Open-Sora
     v1.0's eager path (``attn.to(torch.float32).softmax(-1).to(dtype)``) does, so that float64 outputs
-    agree with Open-Sora's to round-off; in float32/bf16/fp16 that cast changes nothing SDPA does not.
+    agree with Open-Sora's to round-off. In float32 that cast is a no-op; in bf16/fp16 SDPA's fused kernels
+    keep scores and softmax in float32 internally, like the flash-attn path (``enable_flashattn=True``) that
+    v1.0's configs use, whereas v1.0's eager path rounds the scores to bf16/fp16 first: agreement to the
+    dtype's round-off, not bit for bit.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False):

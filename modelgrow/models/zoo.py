@@ -7,7 +7,7 @@ from typing import Any
 
 from .stdit import STDiT
 
-# Open-Sora v1.0 registers only STDiT-XL/2; S and B follow DiT's naming for smaller experiments.
+# STDiT-XL/2 is the only named size Open-Sora v1.0 registers; S and B follow DiT's naming for smaller experiments.
 PRESETS: dict[str, dict[str, Any]] = {
     "STDiT-XL/2": dict(depth=28, hidden_size=1152, patch_size=(1, 2, 2), num_heads=16),
     "STDiT-B/2": dict(depth=12, hidden_size=768, patch_size=(1, 2, 2), num_heads=12),

@@ -2,8 +2,9 @@
 that Open-Sora applies before tokenising.
 
 ``clean_caption`` is a standard-library port of the DeepFloyd-IF / PixArt-alpha ``T5Embedder.clean_caption``
-rules, which Open-Sora v1.0 applies twice (``text_preprocessing(text, use_text_preprocessing=True)``). It
-uses the same regular expressions in the same order. The two third-party steps are replaced:
+rules, which Open-Sora v1.0 applies twice (``T5Embedder.text_preprocessing`` with ``use_text_preprocessing``
+left at True by its ``T5Encoder``). It uses the same regular expressions in the same order. The two
+third-party steps are replaced:
 
 * ``BeautifulSoup(caption, features="html.parser").text`` -> ``html.parser.HTMLParser`` (the parser bs4 itself
   drives with ``features="html.parser"``), keeping text data and dropping tags, comments, declarations,
