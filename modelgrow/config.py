@@ -146,6 +146,9 @@ class DataConfig:
     num_workers: int = _f(4, "decode workers per rank")
     prompt_mode: Literal["S", "L", "SL"] = _f("SL", "S = short caption, L = long caption, SL = short + long")
     max_fail_fraction: float = _f(0.01, "stop when more than this fraction of videos fails to decode")
+    image_batch_prob: float | None = _f(None, "joint image + video training: the probability that a batch is an image "
+                                        "batch (images are single-frame samples, T = 1, batched apart from videos "
+                                        "by shape); None = off, images become repeated-frame clips")
     vae: str | None = _f(None, "local diffusers AutoencoderKL dir (sd-vae-ft-ema layout) for raw-video training and caching")
     t5: str | None = _f(None, "local T5 encoder dir (T5EncoderModel + tokenizer)")
     llm: str | None = _f(None, "local causal-LM dir for the LLM condition")
@@ -160,6 +163,8 @@ class DataConfig:
         _check(self.prompt_mode in ("S", "L", "SL"), "data.prompt_mode", f"must be S, L or SL, got {self.prompt_mode!r}")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(0.0 <= self.max_fail_fraction <= 1.0, "data.max_fail_fraction", "must be in [0, 1]")
+        _check(self.image_batch_prob is None or 0.0 <= self.image_batch_prob <= 1.0, "data.image_batch_prob",
+               f"must be in [0, 1] (or none = off), got {self.image_batch_prob}")
 
 
 @dataclass
@@ -193,6 +198,12 @@ class TrainConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     seed: int = _f(42, "global seed (per-rank streams derive from it)")
     ema_decay: float = _f(0.9999, "EMA decay (fp32 EMA weights)")
+    timestep_sampling: Literal["uniform", "logit_normal"] = _f(
+        "uniform", "how the diffusion timestep of a training sample is drawn: uniform over the 1000 steps "
+        "(Open-Sora v1.0) or logit-normal, t = 1000 * sigmoid(timestep_mean + timestep_std * n) (SD3), which "
+        "spends more steps on the mid-noise levels where a clip's layout and motion are decided")
+    timestep_mean: float = _f(0.0, "logit-normal timestep sampling: mean of the logit (> 0: noisier timesteps)")
+    timestep_std: float = _f(1.0, "logit-normal timestep sampling: standard deviation of the logit")
     mixed_precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "compute precision")
     t5_drop: float = _f(0.1, "P(T5 caption -> null), Open-Sora's rate")
     llm_drop: float = _f(0.01, "P(LLM condition alone -> null), the paper's rate")
@@ -210,6 +221,9 @@ class TrainConfig:
         for name in ("t5_drop", "llm_drop", "both_drop"):
             _check(0.0 <= getattr(self, name) < 1.0, f"train.{name}", "must be in [0, 1)")
         _check(self.lora_rank > 0 and self.log_every > 0, "train", "lora_rank and log_every must be > 0")
+        _check(self.timestep_sampling in ("uniform", "logit_normal"), "train.timestep_sampling",
+               f"unknown {self.timestep_sampling!r}; choose uniform or logit_normal")
+        _check(self.timestep_std > 0, "train.timestep_std", f"must be > 0, got {self.timestep_std}")
 
 
 @dataclass

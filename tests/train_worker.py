@@ -31,6 +31,7 @@ def main(out_dir: str, global_batch: int, steps: int, extra: list[str]) -> int:
             json.dump([m["loss"] for m in history], f)
         save_file(state, os.path.join(out_dir, "final.safetensors"))
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears gloo down while another still talks to it
         torch.distributed.destroy_process_group()
     return 0
 

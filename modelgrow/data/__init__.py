@@ -14,7 +14,7 @@ __all__ = [
     "DecodeError", "VideoInfo", "probe", "read_image", "decode_pyav", "FrameDecoder", "resolve_decoder",
     "DALI_CPU_CODECS", "is_dali_available", "dali_gpu_available", "DaliVideoDecoder",
     "VideoDataset", "VideoLoader", "TooManyDecodeFailures", "FailureCounter", "epoch_order", "build_loader",
-    "build_cache", "CachedDataset", "CachedLoader", "CacheMismatchError", "encoder_identity",
+    "JointLoader", "bucket_order", "build_cache", "CachedDataset", "CachedLoader", "CacheMismatchError", "encoder_identity",
 ]
 
 _LAZY = {
@@ -24,7 +24,7 @@ _LAZY = {
                              "resolve_decoder", "DALI_CPU_CODECS")},
     **{n: "dali" for n in ("is_dali_available", "dali_gpu_available", "DaliVideoDecoder")},
     **{n: "loader" for n in ("VideoDataset", "VideoLoader", "TooManyDecodeFailures", "FailureCounter", "epoch_order",
-                             "build_loader")},
+                             "build_loader", "JointLoader", "bucket_order")},
     **{n: "cache" for n in ("build_cache", "CachedDataset", "CachedLoader", "CacheMismatchError", "encoder_identity")},
 }
 

@@ -22,6 +22,9 @@ Resume
     other encoders is an error (``CacheMismatchError``), never silently mixed.
 
 Loading
+    Joint image + video training: built with ``single_frame_images`` (``--single-frame-images``), an image row
+    is a one-frame latent in the shard tensor ``latent_image`` (videos stay in ``latent``); ``index.json``
+    marks them in ``is_image`` and ``loader.JointLoader`` batches the two shapes apart.
     ``CachedDataset(DIR)`` + ``CachedLoader`` yield ``{"latent": [B, C, T, h, w] float32, "y": [B, 1, L, C]
     float32, "mask": [B, L] int64, ["y_llm": [B, 1, L', C'], "llm_mask": [B, L']], "caption", "prompt",
     "index": LongTensor [B] (manifest rows)}`` with the sharding, shuffling and resume of the video loader.
@@ -194,8 +197,11 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
                 batch_size: int = 8, shard_size: int = 256, seed: int = 0, decoder: str = "auto",
                 num_workers: int = 0, latent_dtype: str = "float32", text_dtype: str = "float32",
                 max_fail_fraction: float = 0.01, device: str | torch.device | None = None,
-                overwrite: bool = False) -> Path:
+                overwrite: bool = False, single_frame_images: bool = False) -> Path:
     """Encode every manifest row once (see the module docstring) and return the path of ``index.json``.
+
+    ``single_frame_images=True`` (joint image + video training) stores an image row as a one-frame latent
+    ``[C, 1, h, w]`` (tensor ``latent_image`` of its shard) instead of a clip of repeated frames.
 
     ``vae``/``t5``/``llm``: a ``VideoVAE`` / ``T5Encoder`` / ``LLMEncoder`` or a local directory to load one
     from. ``overwrite=True`` discards a cache built with other settings instead of raising."""
@@ -216,12 +222,14 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
         raise ValueError(f"{manifest}: the manifest is not UTF-8 text ({e}); re-save it as UTF-8") from None
     vae, t5, llm = _load_encoders(vae, t5, llm, device)
     ds = VideoDataset(man, num_frames, frame_interval, image_size, hflip=False, decoder=decoder, seed=seed,
-                      prompt_mode=prompt_mode, deterministic=True)
+                      prompt_mode=prompt_mode, deterministic=True, single_frame_images=single_frame_images)
     settings = {"version": CACHE_VERSION, "num_frames": int(num_frames), "frame_interval": int(frame_interval),
                 "image_size": [int(image_size[0]), int(image_size[1])], "prompt_mode": prompt_mode,
                 "shard_size": int(shard_size), "latent_dtype": latent_dtype, "text_dtype": text_dtype,
                 "clip": "centre window, centre crop, no flip, posterior mode",
                 "manifest_sha256": _manifest_sha(man.path), "num_rows": len(man)}
+    if single_frame_images:  # only then: caches built before this setting existed keep their identity
+        settings["images"] = "single-frame"
     encoders = {"vae": encoder_identity("vae", vae), "t5": encoder_identity("t5", t5),
                 "llm": encoder_identity("llm", llm) if llm is not None else None}
     head = {"settings": settings, "encoders": encoders}
@@ -276,13 +284,18 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
             else:
                 counter.ok()
                 samples.append(item)
-        tensors: dict[str, list[torch.Tensor]] = {"latent": [], "y": [], "mask": []}
+        tensors: dict[str, list[torch.Tensor]] = {"latent": [], "latent_image": [], "y": [], "mask": []}
         if llm is not None:
             tensors |= {"y_llm": [], "llm_mask": []}
+        # single-frame images go to "latent_image", in row order among the images (one shape per tensor)
+        latent_keys = ["latent_image" if single_frame_images and c.get("is_image") else "latent" for c in samples]
         for b in range(0, len(samples), batch_size):
             chunk = samples[b : b + batch_size]
             prompts = [c["prompt"] for c in chunk]
-            tensors["latent"].append(_encode_latents(vae, torch.stack([c["video"] for c in chunk])).to(_DTYPES[latent_dtype]))
+            for key in ("latent", "latent_image"):
+                group = [c["video"] for c, k in zip(chunk, latent_keys[b : b + batch_size], strict=True) if k == key]
+                if group:
+                    tensors[key].append(_encode_latents(vae, torch.stack(group)).to(_DTYPES[latent_dtype]))
             y, mask = t5.encode(prompts)
             tensors["y"].append(y[:, 0].float().cpu().to(_DTYPES[text_dtype]))
             tensors["mask"].append(mask.cpu().to(torch.int8))
@@ -291,7 +304,7 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
                 tensors["y_llm"].append(yl[:, 0].float().cpu().to(_DTYPES[text_dtype]))
                 tensors["llm_mask"].append(ml.cpu().to(torch.int8))
         if samples:
-            data = {k: torch.cat(v).contiguous() for k, v in tensors.items()}
+            data = {k: torch.cat(v).contiguous() for k, v in tensors.items() if v}
             data["index"] = torch.tensor([c["index"] for c in samples], dtype=torch.long)
             tmp = st_path.with_name(st_path.name + ".tmp")
             save_file(data, str(tmp), metadata={"modelgrow_cache": str(CACHE_VERSION)})
@@ -299,14 +312,16 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
             os.replace(tmp, st_path)
         else:
             st_path.unlink(missing_ok=True)
-        _write_json(js_path, {"rows": rows, "indices": [c["index"] for c in samples], "failed": failed,
-                              "captions": [c["caption"] for c in samples],
-                              "long_captions": [c["long_caption"] for c in samples],
-                              "prompts": [c["prompt"] for c in samples]})
+        meta = {"rows": rows, "indices": [c["index"] for c in samples], "failed": failed,
+                "captions": [c["caption"] for c in samples], "long_captions": [c["long_caption"] for c in samples],
+                "prompts": [c["prompt"] for c in samples]}
+        if "latent_image" in latent_keys:
+            meta["latent_keys"] = latent_keys
+        _write_json(js_path, meta)
         log.info("cache: shard %d/%d written (%d samples, %d failed)", s + 1, n_shards, len(samples), len(failed))
 
     # the index
-    entries, shards, failed_all = [], [], []
+    entries, shards, failed_all, images = [], [], [], []
     for s in range(n_shards):
         meta = _read_json(out / f"shard_{s:05d}.json")
         failed_all += meta["failed"]
@@ -315,17 +330,21 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
         fname = f"shard_{s:05d}.safetensors"
         shards.append({"file": fname, "count": len(meta["indices"])})
         entries += [[idx, len(shards) - 1, r] for r, idx in enumerate(meta["indices"])]
-        if not shapes:
-            from safetensors import safe_open
+        keys = meta.get("latent_keys") or ["latent"] * len(meta["indices"])
+        images += [int(k == "latent_image") for k in keys]
+        from safetensors import safe_open
 
-            with safe_open(str(out / fname), framework="pt") as f:
-                for k in f.keys():
+        with safe_open(str(out / fname), framework="pt") as f:  # headers only: every tensor name and shape
+            for k in f.keys():
+                if k not in shapes:
                     sl = f.get_slice(k)
                     shapes[k] = {"shape": list(sl.get_shape()[1:]), "dtype": sl.get_dtype()}
     if not entries:
         raise RuntimeError(f"no sample of {man.path} could be encoded; failed files: {failed_all[:20]}")
     index = {**head, "manifest": str(man.path), "num_samples": len(entries), "tensors": shapes, "shards": shards,
              "failed": failed_all, "entries": entries}
+    if any(images):
+        index["is_image"] = images  # per entry: 1 = a single-frame image latent ("latent_image")
     _write_json(out / "index.json", index)
     return out / "index.json"
 
@@ -371,6 +390,8 @@ class CachedDataset:
         self.shards = [self.dir / s["file"] for s in self.index["shards"]]
         self.tensors = self.index["tensors"]
         self.has_llm = "y_llm" in self.tensors
+        self.images = self.index.get("is_image") or [0] * len(self.entries)
+        self._latent_rows: dict[int, list[tuple[str, int]]] = {}
         self._meta: dict[int, dict] = {}
         self._open: dict[int, Any] = {}
         self._pid = None
@@ -393,10 +414,17 @@ class CachedDataset:
     def check_compatible(self, cfg) -> None:
         """Shapes against ``cfg.model``/``cfg.grow`` and encoder configs against ``cfg.data.t5``/``llm``/``vae``."""
         problems = []
-        lat, y = self.tensors["latent"]["shape"], self.tensors["y"]["shape"]
+        y = self.tensors["y"]["shape"]
         m = cfg.model.stdit_kwargs()  # sizes resolved: explicit settings, else the preset's
-        if lat[0] != m["in_channels"] or tuple(lat[1:]) != tuple(m["input_size"]):
-            problems.append(f"latents {lat} vs model in_channels {m['in_channels']}, input_size {tuple(m['input_size'])}")
+        if "latent" in self.tensors:
+            lat = self.tensors["latent"]["shape"]
+            if lat[0] != m["in_channels"] or tuple(lat[1:]) != tuple(m["input_size"]):
+                problems.append(f"latents {lat} vs model in_channels {m['in_channels']}, input_size {tuple(m['input_size'])}")
+        if "latent_image" in self.tensors:  # single-frame image latents: channels and spatial size must fit
+            lat = self.tensors["latent_image"]["shape"]
+            if lat[0] != m["in_channels"] or tuple(lat[2:]) != tuple(m["input_size"][1:]):
+                problems.append(f"image latents {lat} vs model in_channels {m['in_channels']}, "
+                                f"spatial input_size {tuple(m['input_size'][1:])}")
         if y[-1] != m["caption_channels"] or y[0] != m["model_max_length"]:
             problems.append(f"T5 states {y} vs model caption_channels {m['caption_channels']}, "
                             f"model_max_length {m['model_max_length']}")
@@ -429,6 +457,26 @@ class CachedDataset:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def is_image(self, k: int) -> bool:
+        """Whether entry ``k`` is a single-frame image latent (a cache built with single_frame_images)."""
+        return bool(self.images[k])
+
+    def _latent_row(self, s: int, row: int) -> tuple[str, int]:
+        """(tensor name, row in it) of a shard row's latent: images and videos are stored apart."""
+        if s not in self._latent_rows:
+            keys = self._shard_meta(s).get("latent_keys")
+            if keys is None:
+                self._latent_rows[s] = []
+            else:
+                seen: dict[str, int] = {}
+                rows = []
+                for k in keys:  # the r-th row of a kind is row r of that kind's tensor
+                    rows.append((k, seen.get(k, 0)))
+                    seen[k] = seen.get(k, 0) + 1
+                self._latent_rows[s] = rows
+        rows = self._latent_rows[s]
+        return rows[row] if rows else ("latent", row)
+
     def _shard(self, s: int):
         from safetensors import safe_open
 
@@ -447,7 +495,8 @@ class CachedDataset:
         index, s, row = self.entries[k]
         f = self._shard(s)
         meta = self._shard_meta(s)
-        out = {"latent": f.get_slice("latent")[row : row + 1][0].float(),
+        key, lrow = self._latent_row(s, row)
+        out = {"latent": f.get_slice(key)[lrow : lrow + 1][0].float(),
                "y": f.get_slice("y")[row : row + 1].float(),  # [1, L, C]
                "mask": f.get_slice("mask")[row : row + 1][0].long()}
         if self.has_llm:
@@ -551,6 +600,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-fail-fraction", type=float, default=0.01)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="discard a cache built with other settings")
+    p.add_argument("--single-frame-images", action="store_true",
+                   help="store image rows as one-frame latents (joint image + video training, data.image_batch_prob)")
     return p
 
 
@@ -569,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                        image_size=a.image_size, prompt_mode=a.prompt_mode, batch_size=a.batch_size,
                        shard_size=a.shard_size, seed=a.seed, decoder=a.decoder, num_workers=a.num_workers,
                        latent_dtype=a.latent_dtype, text_dtype=a.text_dtype, max_fail_fraction=a.max_fail_fraction,
-                       device=device, overwrite=a.overwrite)
+                       device=device, overwrite=a.overwrite, single_frame_images=a.single_frame_images)
     idx = _read_json(path)
     print(f"cache: {idx['num_samples']} samples in {len(idx['shards'])} shards, {len(idx['failed'])} failed -> {path}")
     return 0

@@ -14,7 +14,8 @@ Domains
 Splits
     ``train`` never contains the held-out (shape, colour) pairs of ``HELDOUT_COMBOS``; ``heldout`` draws half
     of its clips from those unseen combinations and half from seen ones, from a different random stream.
-    ``all`` samples every combination. Clip ``i`` of (domain, split, seed) depends only on those four values,
+    ``all`` samples every combination. ``generate_images`` writes the image split of a domain (PNG stills,
+    the first frame of each clip, captioned without motion) for joint image + video training. Clip ``i`` of (domain, split, seed) depends only on those four values,
     so a longer run is a prefix-extension of a shorter one.
 
 Geometry
@@ -49,7 +50,7 @@ __all__ = [
     "DOMAINS", "COLORS", "BACKGROUNDS", "SIZES", "SPEEDS", "DIRECTION_VECTORS", "HELDOUT_COMBOS", "SPLITS",
     "ATTRIBUTES", "MANIFEST_COLUMNS", "ClipSpec", "vocabulary", "sample_specs", "object_positions",
     "render_clip", "short_caption", "long_caption", "direction_phrase", "parse_caption", "heldout_prompts",
-    "generate", "read_manifest",
+    "generate", "read_manifest", "image_caption", "generate_images",
 ]
 
 # ------------------------------------------------------------------------------------------------------------
@@ -466,6 +467,41 @@ def _write_one(job) -> str:
     spec, path, num_frames, height, width, fps = job
     write_video(path, render_clip(spec, num_frames, height, width), fps=fps)
     return str(path)
+
+
+def image_caption(spec: ClipSpec) -> str:
+    """The caption of a still image of a clip: ``"a red square on a black background"`` (no motion)."""
+    return f"{_article(spec.color)} {spec.color} {spec.shape} on {_article(spec.background)} {spec.background} background"
+
+
+def generate_images(out_dir: str | os.PathLike, domain: str = "A", split: str = "train", n: int = 64,
+                    height: int = 64, width: int = 64, seed: int = 0) -> Path:
+    """The image split of a domain (joint image + video training): ``n`` PNG stills into ``out_dir`` and
+    ``out_dir/manifest.csv`` (``MANIFEST_COLUMNS``, ``num_frames`` = 1, no fps, no long caption).
+
+    Image ``i`` is the first frame of clip ``i`` of (domain, split, seed) (the same spec as ``generate``'s
+    video ``i``), captioned ``image_caption`` (shape, colour, background: a still shows no motion). Files are
+    rewritten only when missing; deterministic."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for spec in sample_specs(domain, n, seed, split):
+        rel = f"{spec.domain}_{split}_img_{spec.index:06d}.png"
+        if not (out_dir / rel).exists():
+            Image.fromarray(render_clip(spec, 1, height, width)[0]).save(out_dir / rel)
+        row = _row(spec, rel, 1, 0, height, width, seed)
+        row.update(caption=image_caption(spec), long_caption="", fps="", direction="", speed="")
+        rows.append(row)
+    manifest = out_dir / "manifest.csv"
+    tmp = manifest.with_name(".manifest.tmp.csv")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, manifest)
+    return manifest
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict]:

@@ -126,12 +126,16 @@ class STDiTBlock(nn.Module):
         tpe: torch.Tensor | None = None,
         y_llm: torch.Tensor | None = None,
         llm_mask: torch.Tensor | None = None,
+        shape: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """x [B, T*S, C]; y [B, L, C] embedded caption; t [B, 6C] (t_block output); mask [B, L] bool
         key-padding mask or None; tpe [1, T, C] temporal position embedding or None; y_llm [B, L', C]
-        embedded LLM condition and llm_mask [B, L'] (blocks with the LLM cross-attention only)."""
+        embedded LLM condition and llm_mask [B, L'] (blocks with the LLM cross-attention only); shape
+        (T, S) of this batch's token grid (None: the configured ``(d_t, d_s)``; an image batch has T = 1)."""
         B, N, C = x.shape
-        T, S = self.d_t, self.d_s
+        T, S = (self.d_t, self.d_s) if shape is None else (int(shape[0]), int(shape[1]))
+        if T * S != N:
+            raise ValueError(f"x has {N} tokens, not T*S = {T}*{S}")
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
             self.scale_shift_table[None] + t.reshape(B, 6, -1)
         ).chunk(6, dim=1)  # 6 x [B, 1, C]
@@ -361,7 +365,8 @@ class STDiT(ModelMixin, ConfigMixin):
         drop_llm: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
-        x:        [B, C_in, T, H, W] video latent (T, H, W as ``input_size``).
+        x:        [B, C_in, T, H, W] video latent: ``input_size``, or any other size divisible by the patch
+                  (T = 1: an image batch; position embeddings follow the batch's size, see ``pos_embeds``).
         timestep: [B] diffusion timesteps (may be fractional).
         y:        [B, 1, L, caption_channels] (or [B, L, caption_channels]) text-encoder states.
         mask:     [B', L] with B' dividing B (a CFG batch reuses the prompt masks), non-zero = real token;
@@ -382,11 +387,13 @@ class STDiT(ModelMixin, ConfigMixin):
         if y.ndim == 3:
             y = y.unsqueeze(1)  # [B, 1, L, C_cap]
         B = x.shape[0]
-        T, S, C = self.num_temporal, self.num_spatial, self.hidden_size
+        grid = self.token_grid(x.shape[2:])  # (T, H/p_h, W/p_w) tokens of this batch (T = 1: images)
+        T, S, C = grid[0], grid[1] * grid[2], self.hidden_size
+        pos_embed, pos_embed_temporal = self.pos_embeds(grid)  # [1, S, C], [1, T, C]
 
         # embeddings
         x = self.x_embedder(x)  # [B, T*S, C]
-        x = (x.reshape(B, T, S, C) + self.pos_embed).reshape(B, T * S, C)  # [B, T*S, C]
+        x = (x.reshape(B, T, S, C) + pos_embed).reshape(B, T * S, C)  # [B, T*S, C]
         t = self.t_embedder(timestep, dtype=x.dtype)  # [B, C]
         t0 = self.t_block(t)  # [B, 6C]
         y = self.y_embedder(y, self.training, force_drop_ids=drop_t5).squeeze(1)  # [B, L, C]
@@ -395,16 +402,16 @@ class STDiT(ModelMixin, ConfigMixin):
 
         # blocks
         for i, block in enumerate(self.blocks):
-            tpe = self.pos_embed_temporal if i == self.temporal_pos_block else None  # [1, T, C]
+            tpe = pos_embed_temporal if i == self.temporal_pos_block else None  # [1, T, C]
             args = (x, y, t0, y_mask, tpe) if y_llm is None else (x, y, t0, y_mask, tpe, y_llm, llm_mask)
             if getattr(block, "grad_checkpointing", False) and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)  # [B, T*S, C]
+                x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, shape=(T, S))  # [B, T*S, C]
             else:
-                x = block(*args)  # [B, T*S, C]
+                x = block(*args, shape=(T, S))  # [B, T*S, C]
 
         # head
         x = self.final_layer(x, t)  # [B, T*S, prod(patch) * C_out]
-        x = self.unpatchify(x)  # [B, C_out, T, H, W]
+        x = self.unpatchify(x, grid)  # [B, C_out, T, H, W]
         return x.to(torch.float32)
 
     def _llm_condition(self, y_llm, llm_mask, drop_llm, batch):
@@ -437,9 +444,10 @@ class STDiT(ModelMixin, ConfigMixin):
             mask = mask.repeat(batch // mask.shape[0], 1)
         return mask != 0
 
-    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, Nt*Nh*Nw, Tp*Hp*Wp*C_out] -> [B, C_out, Nt*Tp, Nh*Hp, Nw*Wp]."""
-        n_t, n_h, n_w = (self.input_size[i] // self.patch_size[i] for i in range(3))
+    def unpatchify(self, x: torch.Tensor, grid: tuple[int, int, int] | None = None) -> torch.Tensor:
+        """[B, Nt*Nh*Nw, Tp*Hp*Wp*C_out] -> [B, C_out, Nt*Tp, Nh*Hp, Nw*Wp]; ``grid`` = (Nt, Nh, Nw), default
+        the configured input_size's."""
+        n_t, n_h, n_w = grid if grid is not None else (self.input_size[i] // self.patch_size[i] for i in range(3))
         p_t, p_h, p_w = self.patch_size
         c = self.out_channels
         x = x.reshape(x.shape[0], n_t, n_h, n_w, p_t, p_h, p_w, c)
@@ -458,14 +466,43 @@ class STDiT(ModelMixin, ConfigMixin):
         )
         return torch.tensor(table, dtype=torch.float32).unsqueeze(0)
 
-    def get_temporal_pos_embed(self) -> torch.Tensor:
-        """[1, T, C] float32 buffer."""
-        table = sincos_1d(self.hidden_size, self.input_size[0] // self.patch_size[0], scale=self.time_scale)
+    def get_temporal_pos_embed(self, num_frames: int | None = None) -> torch.Tensor:
+        """[1, T, C] float32 buffer for ``num_frames`` latent frames after temporal patching (default: the
+        configured input_size[0] / patch_t)."""
+        if num_frames is None:
+            num_frames = self.input_size[0] // self.patch_size[0]
+        table = sincos_1d(self.hidden_size, int(num_frames), scale=self.time_scale)
         return torch.tensor(table, dtype=torch.float32).unsqueeze(0)
+
+    def token_grid(self, size) -> tuple[int, int, int]:
+        """(T, H, W) of a latent -> its token grid (T/p_t, H/p_h, W/p_w), ragged edges rounded up (zero-padded
+        by the patch embedding)."""
+        return tuple(-(-int(size[i]) // self.patch_size[i]) for i in range(3))
+
+    def pos_embeds(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spatial [1, S, C] and temporal [1, T, C] position embeddings for a token grid (T, H', W').
+
+        The configured size uses the ``pos_embed`` / ``pos_embed_temporal`` buffers (Open-Sora v1.0's numbers);
+        any other size (an image batch, T = 1; another resolution) gets the same sin-cos formulas evaluated on
+        its own grid (``get_spatial_pos_embed`` / ``get_temporal_pos_embed``), in the buffers' dtype and
+        device, cached per (grid, device, dtype) outside the state dict."""
+        want = tuple(self.input_size[i] // self.patch_size[i] for i in range(3))
+        if tuple(grid) == want:
+            return self.pos_embed, self.pos_embed_temporal
+        ref = self.pos_embed
+        device = ref.device if ref.device.type != "meta" else torch.device("cpu")
+        key = (tuple(grid), device, ref.dtype)
+        cache = self.__dict__.setdefault("_pos_embed_cache", {})
+        if key not in cache:
+            hw = (grid[1] * self.patch_size[1], grid[2] * self.patch_size[2])
+            cache[key] = (self.get_spatial_pos_embed(hw).to(device=device, dtype=ref.dtype),
+                          self.get_temporal_pos_embed(grid[0]).to(device=device, dtype=ref.dtype))
+        return cache[key]
 
     @torch.no_grad()
     def reset_pos_embed(self) -> None:
         """Recompute both position-embedding buffers for the configured size (after loading weights)."""
+        self.__dict__.pop("_pos_embed_cache", None)
         for name, fresh in (("pos_embed", self.get_spatial_pos_embed()), ("pos_embed_temporal", self.get_temporal_pos_embed())):
             old = getattr(self, name)
             device = old.device if old.device.type != "meta" else torch.device("cpu")
@@ -517,13 +554,13 @@ class STDiT(ModelMixin, ConfigMixin):
     def _check_inputs(self, x, timestep, y, mask) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be [B, {self.in_channels}, T, H, W]; got {list(x.shape)}")
-        grid = tuple(-(-x.shape[2 + i] // self.patch_size[i]) for i in range(3))
+        grid = self.token_grid(x.shape[2:])
         want = tuple(self.input_size[i] // self.patch_size[i] for i in range(3))
-        if grid != want:
+        if grid != want and any(x.shape[2 + i] % self.patch_size[i] for i in range(3)):
             raise ValueError(
-                f"latent of size (T, H, W) = {tuple(x.shape[2:])} does not fit this model's input_size "
-                f"{self.input_size}; build the model with input_size={tuple(x.shape[2:])} (position "
-                "embeddings are recomputed when a checkpoint is loaded)"
+                f"latent of size (T, H, W) = {tuple(x.shape[2:])} is neither this model's input_size "
+                f"{self.input_size} nor a multiple of its patch_size {self.patch_size}: another size (an image "
+                "batch with T = 1, another resolution) must be divisible by the patch"
             )
         B = x.shape[0]
         if timestep.ndim != 1 or timestep.shape[0] != B:

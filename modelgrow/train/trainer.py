@@ -1,9 +1,9 @@
 """The training loop: ``modelgrow train --config X.toml [--section.key v ...]``, alone or under ``torchrun``.
 
 Per optimizer step: ``train.grad_accum`` batches of latents and text states (from the latent/text cache, or
-raw videos encoded on the fly by the VAE + T5 [+ LLM] in ``data.vae/t5/llm``), a uniform diffusion timestep
-per sample, the joint condition dropout, the IDDPM loss (MSE + VB), AdamW with gradient clipping, the fp32
-EMA. Every ``train.log_every`` steps one step line (DESIGN convention 8) goes to stdout, ``metrics.jsonl``
+raw videos encoded on the fly by the VAE + T5 [+ LLM] in ``data.vae/t5/llm``), a diffusion timestep per
+sample (uniform as in Open-Sora v1.0, or logit-normal: ``train.timestep_sampling``), the joint condition
+dropout, the IDDPM loss (MSE + VB), AdamW with gradient clipping, the fp32 EMA. Every ``train.log_every`` steps one step line (DESIGN convention 8) goes to stdout, ``metrics.jsonl``
 and TensorBoard (when installed); a non-finite loss stops the run with an error before any checkpoint is
 written. Resumable checkpoints (train/checkpoint.py) every ``checkpoint.every_steps`` and at the end.
 """
@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -172,11 +173,14 @@ class Trainer:
     def train_step(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = len(batches)
         total = torch.zeros((), device=self.device)
-        samples = 0
+        samples, tokens, flop = 0, 0, 0.0
         for raw in batches:
             b = self._prepare(raw)
             x0 = b["latent"].float()
             B = x0.shape[0]
+            n_tok, f_tok = self.batch_cost(x0.shape)  # per sample: this batch's shape (an image batch: T = 1)
+            tokens += B * n_tok
+            flop += B * f_tok
             t, noise, u = self.sample_randomness(raw, x0.shape)
             drop_t5, drop_llm = draw_condition_dropout(B, self.cfg.train, self.has_llm, u=u, device=self.device)
             kwargs = {"y": b["y"], "mask": b["mask"], "drop_t5": drop_t5}
@@ -196,22 +200,51 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model)
         self._nonfinite |= ~torch.isfinite(total)
-        return {"loss": total, "grad_norm": grad_norm, "samples": samples}
+        return {"loss": total, "grad_norm": grad_norm, "samples": samples, "tokens": tokens, "flop": flop}
+
+    def batch_cost(self, shape) -> tuple[int, float]:
+        """(tokens, training FLOPs) of one sample of latent shape [B, C, T, H, W], cached per shape."""
+        key = tuple(shape[2:])
+        cache = self.__dict__.setdefault("_cost", {})
+        if key not in cache:
+            m = self.model
+            grid = m.token_grid(key)
+            size = [g * p for g, p in zip(grid, m.patch_size, strict=True)]
+            f = stdit_flops(**{**m.config, "input_size": size},
+                            caption_tokens=self.cfg.model.stdit_kwargs()["model_max_length"],
+                            llm_tokens=self.cfg.grow.llm_max_length if self.has_llm else 0).per_step(training=True)
+            cache[key] = (grid[0] * grid[1] * grid[2], f)
+        return cache[key]
 
     def sample_randomness(self, batch: dict[str, Any], shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Timestep, noise and the condition-dropout draw of every sample, a function of (seed, step, the
         sample's index in the data stream) only: the same whatever the world size, worker count or resume
-        point. Batches without an ``index`` fall back to a per-rank stream."""
+        point. Batches without an ``index`` fall back to a per-rank stream. A clip that occurs more than once in
+        a batch (a dataset smaller than the batch, or an epoch boundary) gets a new draw per occurrence: the
+        k-th repeat also keys on k (without it a one-clip batch of 8 trains on one timestep and one noise)."""
         idx = batch.get("index")
         if idx is None:
             idx = torch.arange(shape[0]) + (self.step * self.world + self.rank) * shape[0] + (1 << 40)
         ts, noises, us = [], [], []
+        seen: dict[int, int] = {}
         for i in idx.tolist():
-            g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.step) * 1_000_000_007 + int(i))
-            ts.append(torch.randint(0, self.diffusion.num_timesteps, (1,), generator=g))
+            k = seen[int(i)] = seen.get(int(i), -1) + 1  # occurrences of this clip earlier in the batch
+            key = (self.cfg.train.seed * 1_000_003 + self.step) * 1_000_000_007 + int(i)
+            if k:
+                key = int(np.random.SeedSequence([self.cfg.train.seed, self.step, int(i), k]).generate_state(1, np.uint64)[0] >> 1)
+            g = torch.Generator().manual_seed(key)
+            ts.append(self._draw_timestep(g))
             us.append(torch.rand(1, generator=g))
             noises.append(torch.randn(shape[1:], generator=g))
         return (torch.cat(ts).to(self.device), torch.stack(noises).to(self.device), torch.cat(us))
+
+    def _draw_timestep(self, g: torch.Generator) -> torch.Tensor:
+        """One training timestep [1] (int64) from ``g``: uniform (Open-Sora v1.0) or logit-normal (SD3)."""
+        n, tc = self.diffusion.num_timesteps, self.cfg.train
+        if tc.timestep_sampling == "uniform":
+            return torch.randint(0, n, (1,), generator=g)
+        u = torch.sigmoid(tc.timestep_mean + tc.timestep_std * torch.randn(1, generator=g, dtype=torch.float64))
+        return (u * n).long().clamp_(0, n - 1)
 
     def check_finite(self) -> None:
         if bool(self._nonfinite):
@@ -239,7 +272,7 @@ class Trainer:
                      f"parameters ({sum(p.numel() for p in self.params):,} trainable) | world {self.world} | "
                      f"{self.device} | parallel {self.applied}")
         it = iter(self.loader)
-        window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
+        window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0, "tokens": 0, "flop": 0.0}
         tokens = self.model.num_temporal * self.model.num_spatial
         flops = stdit_flops(**self.model.config, caption_tokens=cfg.model.stdit_kwargs()["model_max_length"],
                             llm_tokens=cfg.grow.llm_max_length if self.has_llm else 0).per_step(training=True)
@@ -265,11 +298,13 @@ class Trainer:
             window["time"] += time.perf_counter() - t0
             window["data"] += t1 - t0
             window["samples"] += out["samples"] * self.world
+            window["tokens"] += out.get("tokens", out["samples"] * tokens) * self.world
+            window["flop"] += out.get("flop", out["samples"] * flops) * self.world
             window["steps"] += 1
             if log_now:
                 self.check_finite()
                 self._log_step(out, window, tokens, flops, peak)
-                window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0}
+                window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0, "tokens": 0, "flop": 0.0}
             if self.step % cfg.checkpoint.every_steps == 0 or last:
                 self.save()
         if bar is not None:
@@ -283,9 +318,11 @@ class Trainer:
             loss /= self.world
         out = {**out, "loss": loss}
         sps = window["samples"] / max(window["time"], 1e-9)
-        tflops = sps * flops_per_sample / 1e12
+        # tokens and FLOPs of the batches actually run (joint image + video batches differ in size)
+        tps = window["tokens"] / max(window["time"], 1e-9) if "tokens" in window else sps * tokens
+        tflops = (window["flop"] / max(window["time"], 1e-9) if "flop" in window else sps * flops_per_sample) / 1e12
         m = {"step": self.step, "loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
-             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": sps, "tokens_per_s": sps * tokens,
+             "lr": self.scheduler.get_last_lr()[0], "samples_per_s": sps, "tokens_per_s": tps,
              "tflops": tflops, "mfu": tflops / (peak * self.world) if peak else None, "mem_gib": memory_gib(self.device),
              "data_wait": window["data"] / max(window["time"], 1e-9)}
         self.history.append(m)
