@@ -115,6 +115,37 @@ def test_condition_dropout_rates():
     assert none is None and only_t5.float().mean().item() == pytest.approx(0.1, abs=3e-3)
 
 
+def test_repeated_clip_in_a_batch_gets_its_own_timestep_and_noise(tmp_path):
+    """A dataset smaller than the batch (memorising one clip, issue 14) repeats a clip within a batch: every
+    occurrence must get its own timestep and noise (they used to share one draw, so a batch of 8 copies trained
+    like a batch of 1), while a clip's first occurrence keeps the draw it always had (bit-exact resume)."""
+    tr = Trainer(_cfg(tmp_path, "--train.steps", "1"), loader=_loader(), log=lambda *_: None)
+    shape = torch.Size([8, 4, 4, 8, 8])
+    t, noise, u = tr.sample_randomness({"index": torch.zeros(8, dtype=torch.long)}, shape)
+    assert len(set(t.tolist())) >= 6 and len(set(u.tolist())) == 8
+    assert all(not torch.equal(noise[i], noise[j]) for i in range(8) for j in range(i))
+    t1, noise1, _ = tr.sample_randomness({"index": torch.tensor([0, 5])}, torch.Size([2, *shape[1:]]))
+    assert t1[0] == t[0] and torch.equal(noise1[0], noise[0])  # the first occurrence: the same draw as alone
+    t2, noise2, _ = tr.sample_randomness({"index": torch.tensor([5, 0, 0])}, torch.Size([3, *shape[1:]]))
+    assert t2[1] == t[0] and torch.equal(noise2[2], noise[1])  # the k-th repeat: a function of (step, clip, k)
+
+
+def test_logit_normal_timesteps(tmp_path):
+    """train.timestep_sampling = logit_normal draws t = 1000 * sigmoid(mean + std * n): mid-noise timesteps
+    dominate (uniform puts 40% of the draws in [300, 700), logit-normal(0, 1) about 60%)."""
+    draws = {}
+    for mode in ("uniform", "logit_normal"):
+        tr = Trainer(_cfg(tmp_path / mode, "--train.steps", "1", "--train.timestep_sampling", mode), loader=_loader(),
+                     log=lambda *_: None)
+        t, _, _ = tr.sample_randomness({"index": torch.arange(4000)}, torch.Size([4000, 1, 1, 1, 1]))
+        assert t.dtype == torch.long and 0 <= t.min() and t.max() <= 999
+        draws[mode] = ((t >= 300) & (t < 700)).float().mean().item()
+    assert draws["uniform"] == pytest.approx(0.4, abs=0.03)
+    assert draws["logit_normal"] == pytest.approx(0.60, abs=0.03)
+    with pytest.raises(ValueError, match="timestep_sampling"):
+        _cfg(tmp_path, "--train.timestep_sampling", "cosine")
+
+
 def _changed(before, model):
     return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
