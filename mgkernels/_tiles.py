@@ -36,20 +36,25 @@ def padded_head(D: int) -> int:
     return d0 + d1
 
 
-def vec_for(tensors: list[torch.Tensor], row_strides: list[int], d_strides: list[int]) -> int:
-    """Elements per 16 bytes when every row stride and base pointer is a multiple of 16 bytes and the head
-    dim is contiguous (stride 1) in every tensor; else 1."""
+def vec_for(tensors: list[torch.Tensor], D: int) -> int:
+    """Elements per 16 bytes when, in every tensor, the last stride (head dim / channel) is 1 and every other
+    stride and the base pointer are multiples of 16 bytes, and the head dim D keeps head offsets h * D
+    aligned too; else 1 (no alignment claim: always correct, scalar loads)."""
     esize = tensors[0].element_size()
     vec = max(1, 16 // esize)
-    if any(s != 1 for s in d_strides):
+    if D % vec or any(t.element_size() != esize for t in tensors):
         return 1
-    if any(t.element_size() != esize for t in tensors):
-        return 1
-    if any(int(s) % vec for s in row_strides):
+    if any(t.stride()[-1] != 1 or any(int(s) % vec for s in t.stride()[:-1]) for t in tensors):
         return 1
     if any(t.device.type != "meta" and t.data_ptr() % 16 for t in tensors):
         return 1
     return vec
+
+
+def div_rows(t: torch.Tensor, vec: int) -> tuple[int, ...]:
+    """t's strides with the row strides divided by vec (exact: vec_for checked them), the last one kept."""
+    st = t.stride()
+    return tuple(s // vec for s in st[:-1]) + (st[-1],)
 
 
 @triton.jit

@@ -46,7 +46,7 @@ from torch import Tensor
 from .dispatch import choose, interpreter_enabled
 
 from ._common import compute_dtype, providers_for, tl, triton
-from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+from ._tiles import div_rows, dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
 
 __all__ = ["cross_attn", "gated_cross_attn", "gated_cross_attn_ref"]
 
@@ -343,18 +343,8 @@ def _tiles(kernel: str, dtype: torch.dtype, block_m: int | None, block_n: int | 
 
 def _heads(D: int, dtype: torch.dtype, tensors: list[Tensor]) -> dict:
     D0, D1 = head_split(D)
-    rows, ds = [], []
-    for t in tensors:
-        rows.extend(t.stride()[:-1])
-        ds.append(t.stride()[-1])
-    vec = vec_for(tensors, rows, ds) if D % max(1, 16 // tensors[0].element_size()) == 0 else 1
+    vec = vec_for(tensors, D)
     return dict(HEAD_DIM=D, D0=D0, D1=D1, D1A=D1 or 16, VEC=vec, DOT_FP32=_dot_f32(dtype))
-
-
-def _div(t: Tensor, vec: int) -> tuple[int, ...]:
-    """A tensor's strides with the row strides divided by vec (exact: vec_for checked them)."""
-    st = t.stride()
-    return tuple(s // vec for s in st[:-1]) + (st[-1],)
 
 
 def _mask_arg(mask: Tensor | None, like: Tensor) -> tuple[Tensor, Tensor, int, int]:
@@ -403,7 +393,7 @@ def _triton_fwd(x: Tensor | None, q: Tensor, k: Tensor, v: Tensor, lam: Tensor |
     nm = triton.cdiv(N, cfg["BLOCK_M"])
     _gca_fwd_kernel[(B * H * nm,)](
         q, k, v, x4, g, m, kv_end, out4, o_t, lse if save else g,
-        *_div(q, vec), *_div(k, vec), *_div(v, vec), *_div(x4, vec), smb, sml, *_div(out4, vec), *_div(o_t, vec),
+        *div_rows(q, vec), *div_rows(k, vec), *div_rows(v, vec), *div_rows(x4, vec), smb, sml, *div_rows(out4, vec), *div_rows(o_t, vec),
         *l_st, H, N, L, nm, math.log2(math.e) / math.sqrt(D),
         HAS_MASK=mask is not None, GATED=gated, SAVE=save, **heads, **cfg,
     )  # fmt: skip
@@ -428,25 +418,25 @@ def _triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | Non
         qk_scale = scale * math.log2(math.e)
         heads = _heads(D, q.dtype, [q, k, v, o, dq, dk, dv, d4])
         vec = heads["VEC"]
-        d4s = _div(d4, vec)
+        d4s = div_rows(d4, vec)
         pre = _tiles("fwd", q.dtype, None, None)
         pre.pop("BLOCK_N"), pre.pop("num_stages", None)
         npre = triton.cdiv(N, pre["BLOCK_M"])
         _gca_bwd_preprocess_kernel[(B * H * npre,)](
-            d4, o, dot, *d4s, *_div(o, vec), *dot.stride(), H, N, npre,
+            d4, o, dot, *d4s, *div_rows(o, vec), *dot.stride(), H, N, npre,
             HEAD_DIM=D, D0=heads["D0"], D1=heads["D1"], VEC=vec, **pre,
         )  # fmt: skip
-        common = (*_div(q, vec), *_div(k, vec), *_div(v, vec), *d4s, smb, sml, *lse.stride(), *dot.stride())
+        common = (*div_rows(q, vec), *div_rows(k, vec), *div_rows(v, vec), *d4s, smb, sml, *lse.stride(), *dot.stride())
         cfg = _tiles("dkdv", q.dtype, block_m, block_n)
         nn_ = triton.cdiv(L, cfg["BLOCK_N"])
         _gca_bwd_dkdv_kernel[(B * H * nn_,)](
-            q, k, v, d4, g, m, lse, dot, dk, dv, *common, *_div(dk, vec), *_div(dv, vec),
+            q, k, v, d4, g, m, lse, dot, dk, dv, *common, *div_rows(dk, vec), *div_rows(dv, vec),
             H, N, L, nn_, qk_scale, scale, HAS_MASK=mask is not None, **heads, **cfg,
         )  # fmt: skip
         cfg = _tiles("dq", q.dtype, block_m, block_n)
         nm = triton.cdiv(N, cfg["BLOCK_M"])
         _gca_bwd_dq_kernel[(B * H * nm,)](
-            q, k, v, d4, g, m, kv_end, lse, dot, dq, *common, *_div(dq, vec),
+            q, k, v, d4, g, m, kv_end, lse, dot, dq, *common, *div_rows(dq, vec),
             H, N, L, nm, qk_scale, scale, HAS_MASK=mask is not None, **heads, **cfg,
         )  # fmt: skip
     else:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from .dispatch import choose, interpreter_enabled
 
 from ._common import pow2, providers_for, tl, triton
-from ._tiles import dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+from ._tiles import div_rows, dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
 
 __all__ = ["st_attention", "st_attention_ref", "STAttentionFunction", "MODES"]
 
@@ -454,20 +454,6 @@ def _config(L: int, D: int, dtype: torch.dtype) -> dict:
     return cfg
 
 
-def _vec(tensors: list[torch.Tensor], skip_last: bool = True) -> int:
-    rows, ds = [], []
-    for t in tensors:
-        st = t.stride()
-        ds.append(st[-1])
-        rows.extend(st[:-1])
-    return vec_for(tensors, rows, ds)
-
-
-def _div(strides: tuple[int, ...], vec: int, keep_last: bool = True) -> tuple[int, ...]:
-    """Row strides divided by vec (exact: vec_for checked), the last (head-dim / channel) stride kept."""
-    return tuple(s // vec for s in strides[:-1]) + (strides[-1],)
-
-
 def _st_attention_fwd_triton(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     B, N, _, H, D = qkv.shape
     G, L, GS, IS = _geometry(T, S, mode)
@@ -476,7 +462,7 @@ def _st_attention_fwd_triton(qkv: torch.Tensor, T: int, S: int, mode: str) -> tu
     if o.numel() == 0:
         return o, lse
     cfg = _config(L, D, qkv.dtype)
-    vec = _vec([qkv, o]) if D % max(1, 16 // qkv.element_size()) == 0 else 1
+    vec = vec_for([qkv, o], D)
     heads = dict(HEAD_DIM=D, D0=cfg["D0"], D1=cfg["D1"], D1A=cfg["D1A"], VEC=vec, DOT_FP32=_dot_fp32(qkv.dtype))
     if cfg["packed"]:
         pack, lp, bm, bn, warps, stages = cfg["PACK"], cfg["LP"], cfg["BLOCK"], cfg["BLOCK"], cfg["warps"], 1
@@ -487,7 +473,7 @@ def _st_attention_fwd_triton(qkv: torch.Tensor, T: int, S: int, mode: str) -> tu
     nm = triton.cdiv(L, bm) if pack == 1 else 1
     _st_attn_fwd_kernel[(B * ngp * H * nm,)](
         qkv, o, lse,
-        *_div(qkv.stride(), vec), *_div(o.stride(), vec), *lse.stride(),
+        *div_rows(qkv, vec), *div_rows(o, vec), *lse.stride(),
         H, G, L, GS, IS, ngp, nm,
         D**-0.5 * _LOG2E,
         PACK=pack, LP=lp, BLOCK_M=bm, BLOCK_N=bn, **heads, num_warps=warps, num_stages=stages,
@@ -503,10 +489,10 @@ def _st_attention_bwd_triton(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tenso
     if dqkv.numel() == 0:
         return dqkv
     cfg = _config(L, D, qkv.dtype)
-    vec = _vec([qkv, o, do, dqkv]) if D % max(1, 16 // qkv.element_size()) == 0 else 1
+    vec = vec_for([qkv, o, do, dqkv], D)
     heads = dict(HEAD_DIM=D, D0=cfg["D0"], D1=cfg["D1"], D1A=cfg["D1A"], VEC=vec, DOT_FP32=_dot_fp32(qkv.dtype))
     scale = D**-0.5
-    qs, os_, ds_, gs = _div(qkv.stride(), vec), _div(o.stride(), vec), _div(do.stride(), vec), _div(dqkv.stride(), vec)
+    qs, os_, ds_, gs = div_rows(qkv, vec), div_rows(o, vec), div_rows(do, vec), div_rows(dqkv, vec)
     if cfg["packed"]:
         ngp = triton.cdiv(G, cfg["PACK"])
         _st_attn_bwd_packed_kernel[(B * ngp * H,)](
