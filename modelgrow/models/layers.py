@@ -28,11 +28,6 @@ def approx_gelu() -> nn.Module:
     return nn.GELU(approximate="tanh")
 
 
-def t2i_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """S-AdaLN modulation ``x * (1 + scale) + shift`` (PixArt-alpha); shift/scale broadcast over tokens."""
-    return x * (1 + scale) + shift
-
-
 # ------------------------------------------------------------------------------------------------------
 # Sine/cosine position embeddings (MAE formulation, as Open-Sora v1.0 computes them: numpy, float64
 # frequencies, float32 spatial grid, the whole table rounded to float32 when it becomes a buffer).
@@ -221,12 +216,6 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Attention among the N tokens of each of the B sequences of x [B, N, C]."""
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, H, D]
-        return self.proj(self._core(qkv).reshape(B, N, C))  # [B, N, C]
-
     def forward_st(self, x: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
         """x [B, T*S, C] (frames outermost) -> [B, T*S, C], attending over the S tokens of each frame
         (``mode="spatial"``) or over the T frames at each spatial position (``"temporal"``). The fused
@@ -286,16 +275,16 @@ class MultiHeadCrossAttention(nn.Module):
 
 
 class T2IFinalLayer(nn.Module):
-    """PixArt's final layer: LayerNorm (no affine) -> modulate with (table + t) -> linear to patch pixels."""
+    """PixArt's final layer: LayerNorm (no affine, eps 1e-6: Open-Sora's ``norm_final``, which holds no
+    parameters) -> modulate with (table + t) -> linear to patch pixels; the norm runs fused in ``modulate``."""
 
     def __init__(self, hidden_size: int, num_patch: int, out_channels: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, num_patch * out_channels, bias=True)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size**0.5)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         shift, scale = (self.scale_shift_table[None] + t[:, None]).chunk(2, dim=1)  # 2 x [B, 1, C]
-        x = modulate(x, shift, scale)  # [B, N, C] norm_final + modulation, fused
+        x = modulate(x, shift, scale)  # [B, N, C] LayerNorm + modulation, fused
         return self.linear(x)  # [B, N, prod(patch) * C_out]

@@ -94,10 +94,10 @@ class STDiTBlock(nn.Module):
         self.num_heads = num_heads
         self.d_s = d_s  # spatial tokens per frame
         self.d_t = d_t  # frames
-        self.norm1 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
+        # Open-Sora's norm1 / norm2 (LayerNorm, no affine, eps 1e-6: no parameters, so no state-dict keys) run
+        # fused inside modulate / residual_modulate below
         self.attn = Attention(hidden_size, num_heads=num_heads, qkv_bias=True)
         self.cross_attn = MultiHeadCrossAttention(hidden_size, num_heads)
-        self.norm2 = nn.LayerNorm(hidden_size, eps=1e-6, elementwise_affine=False)
         self.mlp = Mlp(in_features=hidden_size, hidden_features=int(hidden_size * mlp_ratio), act_layer=approx_gelu)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.scale_shift_table = nn.Parameter(torch.randn(6, hidden_size) / hidden_size**0.5)
