@@ -494,7 +494,11 @@ def generate_images(out_dir: str | os.PathLike, domain: str = "A", split: str = 
         row = _row(spec, rel, 1, 0, height, width, seed)
         row.update(caption=image_caption(spec), long_caption="", fps="", direction="", speed="")
         rows.append(row)
-    manifest = out_dir / "manifest.csv"
+    return _write_manifest(out_dir / "manifest.csv", rows)
+
+
+def _write_manifest(manifest: Path, rows: list[dict]) -> Path:
+    """Write the manifest rows atomically (a temporary file, then a rename)."""
     tmp = manifest.with_name(".manifest.tmp.csv")
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
@@ -551,10 +555,5 @@ def generate(out_dir: str | os.PathLike, domain: str, split: str = "train", n: i
                 bar.update()
         bar.close()
     if todo or list(old.values()) != rows:
-        tmp = manifest.with_name(".manifest.tmp.csv")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(tmp, manifest)
+        _write_manifest(manifest, rows)
     return manifest
