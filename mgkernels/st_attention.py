@@ -450,7 +450,7 @@ def _config(L: int, D: int, dtype: torch.dtype) -> dict:
     cfg = dict(D0=D0, D1=D1, D1A=D1 or 16, HEAD_DIM=D, packed=lp <= rows)
     if cfg["packed"]:
         cfg.update(PACK=rows // lp, LP=lp, BLOCK=rows, warps=warps)
-    cfg.update({k: v for k, v in _FLASH[kind].items()})
+    cfg.update(_FLASH[kind])
     return cfg
 
 
