@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..models.stdit import dtype_from_name
 from .loader import FailureCounter, ShardedLoader, VideoDataset, _identity
 from .manifest import load_manifest
 
@@ -49,7 +50,7 @@ __all__ = ["build_cache", "CachedDataset", "CachedLoader", "CacheMismatchError",
 
 log = logging.getLogger("modelgrow.data")
 CACHE_VERSION = 1
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "float16", "bfloat16")  # storage dtypes of cached latents / text states
 
 
 class CacheMismatchError(ValueError):
@@ -295,13 +296,13 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
             for key in ("latent", "latent_image"):
                 group = [c["video"] for c, k in zip(chunk, latent_keys[b : b + batch_size], strict=True) if k == key]
                 if group:
-                    tensors[key].append(_encode_latents(vae, torch.stack(group)).to(_DTYPES[latent_dtype]))
+                    tensors[key].append(_encode_latents(vae, torch.stack(group)).to(dtype_from_name(latent_dtype)))
             y, mask = t5.encode(prompts)
-            tensors["y"].append(y[:, 0].float().cpu().to(_DTYPES[text_dtype]))
+            tensors["y"].append(y[:, 0].float().cpu().to(dtype_from_name(text_dtype)))
             tensors["mask"].append(mask.cpu().to(torch.int8))
             if llm is not None:
                 yl, ml = llm.encode(prompts)
-                tensors["y_llm"].append(yl[:, 0].float().cpu().to(_DTYPES[text_dtype]))
+                tensors["y_llm"].append(yl[:, 0].float().cpu().to(dtype_from_name(text_dtype)))
                 tensors["llm_mask"].append(ml.cpu().to(torch.int8))
         if samples:
             data = {k: torch.cat(v).contiguous() for k, v in tensors.items() if v}

@@ -60,11 +60,13 @@ _DTYPES = {
 
 
 def dtype_from_name(dtype: str | torch.dtype) -> torch.dtype:
-    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16 (and likewise for the other float types)."""
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16 (and likewise for the other float types): the
+    project's one table of dtype names (models, text encoders, the cache, the config)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    name = str(dtype).replace("torch.", "")
-    name = {"fp32": "float32", "fp64": "float64", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(name, name)
+    name = str(dtype).lower().replace("torch.", "")
+    name = {"fp32": "float32", "float": "float32", "fp64": "float64", "double": "float64", "fp16": "float16",
+            "half": "float16", "bf16": "bfloat16"}.get(name, name)
     if name not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
     return _DTYPES[name]
