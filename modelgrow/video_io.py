@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .fileio import atomic_output
+
 _CODECS = {".mp4": ("libx264", "yuv420p"), ".webm": ("libvpx-vp9", "yuv420p"), ".mkv": ("libx264", "yuv420p")}
 
 
@@ -45,9 +47,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, crf: 
     if H % 2 or W % 2:
         frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)), mode="edge")
     codec, pix_fmt = _CODECS[path.suffix]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    with av.open(str(tmp), mode="w") as container:
+    with atomic_output(path) as tmp, av.open(str(tmp), mode="w") as container:
         stream = container.add_stream(codec, rate=int(fps))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
         stream.options = {"crf": str(crf)} if codec == "libx264" else {"crf": str(crf + 14), "b": "0"}
@@ -56,7 +56,6 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, crf: 
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
     return path
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from ..fileio import atomic_output
 from ..models.stdit import dtype_from_name
 from .loader import FailureCounter, ShardedLoader, VideoDataset, _identity
 from .manifest import load_manifest
@@ -132,12 +133,10 @@ def _identity_diff(have: dict[str, Any] | None, want: dict[str, Any] | None) -> 
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, default=str)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> Any:
@@ -147,13 +146,6 @@ def _read_json(path: Path) -> Any:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CacheMismatchError(f"{path}: damaged cache file, not valid JSON ({e}); rebuild the cache with "
                                  "`modelgrow cache` (finished shards are reused)") from None
-
-
-def _public(path: Path) -> None:
-    """safetensors writes 0600; cache shards get the mode every other file gets (0644 with umask 022)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
 
 
 def _manifest_sha(path: Path) -> str:
@@ -307,10 +299,8 @@ def build_cache(manifest: str | os.PathLike, out_dir: str | os.PathLike, vae, t5
         if samples:
             data = {k: torch.cat(v).contiguous() for k, v in tensors.items() if v}
             data["index"] = torch.tensor([c["index"] for c in samples], dtype=torch.long)
-            tmp = st_path.with_name(st_path.name + ".tmp")
-            save_file(data, str(tmp), metadata={"modelgrow_cache": str(CACHE_VERSION)})
-            _public(tmp)
-            os.replace(tmp, st_path)
+            with atomic_output(st_path) as tmp:
+                save_file(data, str(tmp), metadata={"modelgrow_cache": str(CACHE_VERSION)})
         else:
             st_path.unlink(missing_ok=True)
         meta = {"rows": rows, "indices": [c["index"] for c in samples], "failed": failed,

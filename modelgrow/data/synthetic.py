@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_output
+
 __all__ = [
     "DOMAINS", "COLORS", "BACKGROUNDS", "SIZES", "SPEEDS", "DIRECTION_VECTORS", "HELDOUT_COMBOS", "SPLITS",
     "ATTRIBUTES", "MANIFEST_COLUMNS", "ClipSpec", "vocabulary", "sample_specs", "object_positions",
@@ -499,12 +501,10 @@ def generate_images(out_dir: str | os.PathLike, domain: str = "A", split: str = 
 
 def _write_manifest(manifest: Path, rows: list[dict]) -> Path:
     """Write the manifest rows atomically (a temporary file, then a rename)."""
-    tmp = manifest.with_name(".manifest.tmp.csv")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_output(manifest) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(MANIFEST_COLUMNS))
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, manifest)
     return manifest
 
 

@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import torch
 
+from ..fileio import atomic_output
 from ._common import check_local_dir, freeze, generation_kwargs, load_pretrained, resolve_device, resolve_dtype
 from .prompts import PROMPT_MODES, merge_prompt
 
@@ -284,17 +283,8 @@ class Recaptioner:
 
 
 def _atomic_write(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=d)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        write(f)
 
 
 def _atomic_write_csv(path: str, fields: list[str], rows: list[dict]) -> None:
