@@ -1,7 +1,7 @@
 """Evaluation: VBench-style video dimensions (``classical``: no learned weights; ``features``: a local DINO / CLIP;
-``run``: the ``modelgrow evaluate`` command) and the semantic evaluator of the synthetic video world
-(``semantic``, a stand-in for VBench / CompBench prompt-following scores). Submodules load lazily, so the
-evaluation command does not import the synthetic world."""
+``judge``: the MLLM judge score with a local VLM; ``run``: the ``modelgrow evaluate`` command) and the semantic
+evaluator of the synthetic video world (``semantic``, a stand-in for VBench / CompBench prompt-following scores).
+Submodules load lazily, so the evaluation command does not import the synthetic world."""
 
 __all__ = ["SCORED_ATTRIBUTES", "SemanticClassifier", "prepare_videos", "train_classifier"]
 
