@@ -35,7 +35,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, never interpret
 
@@ -101,10 +101,12 @@ class Op:
     launches: list[aot.Launch]
 
 
-def _op(name: str, fn: Callable[[], None], min_bytes: float, useful_flops: float, kbytes: dict[str, float],
+def _op(name: str, launch: tuple, min_bytes: float, useful_flops: float, kbytes: dict[str, float],
         kflops: dict[str, float] | None = None) -> Op:
+    """Compile ``launch = (launcher, *arguments)`` for sm_90 and wrap it with its byte / FLOP counts."""
+    fn, *args = launch
     with aot.compile_only(sms=H200["sms"]) as launches:
-        fn()
+        fn(*args)
     return Op(name, min_bytes, useful_flops, kbytes, kflops or {}, list(launches))
 
 
@@ -114,13 +116,13 @@ def modulate_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
     big = rows * s.C * E
     part = lambda per_sm: 2 * 4 * s.C * s.B * max(1, per_sm * H200["sms"] // s.B)  # noqa: E731 (fp32 partials, w + r)
     return [
-        _op("modulate fwd", lambda: mod._fwd_triton(x, v, v, 1e-6), 2 * big, 0,
+        _op("modulate fwd", (mod._fwd_triton, x, v, v, 1e-6), 2 * big, 0,
             {"_modulate_fwd_kernel": 2 * big + 8 * rows}),
-        _op("modulate bwd", lambda: mod._bwd_triton(x, x, v, st, st), 3 * big, 0,
+        _op("modulate bwd", (mod._bwd_triton, x, x, v, st, st), 3 * big, 0,
             {"_modulate_bwd_kernel": 3 * big + 8 * rows + part(3)}),
-        _op("residual_modulate fwd", lambda: resmod._fwd_triton(x, x, v, v, v, 1e-6), 4 * big, 0,
+        _op("residual_modulate fwd", (resmod._fwd_triton, x, x, v, v, v, 1e-6), 4 * big, 0,
             {"_resmod_fwd_kernel": 4 * big + 8 * rows}),
-        _op("residual_modulate bwd", lambda: resmod._bwd_triton(x, x, x, v, x, v, st, st), 6 * big, 0,
+        _op("residual_modulate bwd", (resmod._bwd_triton, x, x, x, v, x, v, st, st), 6 * big, 0,
             {"_resmod_bwd_kernel": 6 * big + 8 * rows + 1.5 * part(3)}),
     ]
 
@@ -149,7 +151,7 @@ def st_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
             bwd_bytes = {"_st_attn_bwd_packed_kernel": 8 * big + lse}
         else:
             bm, bn = cfg["fwd"][:2]
-            cover = lambda b: math.ceil(L / b) * b  # noqa: E731
+            cover = lambda b, n=L: math.ceil(n / b) * b  # noqa: E731
             fwd_k = {"_st_attn_fwd_kernel": seqs * _attn_flops(cover(bm), cover(bn), Dp, 2)}
             (kbm, kbn), (qbm, qbn) = cfg["dkdv"][:2], cfg["dq"][:2]
             bwd_k = {"_st_attn_bwd_dkdv_kernel": seqs * _attn_flops(cover(kbm), cover(kbn), Dp, 4),
@@ -159,10 +161,10 @@ def st_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
                          "_st_attn_bwd_dq_kernel": 4 * big + 2 * lse + big}
         o = meta(s.B, s.N, s.C, dtype=dt)
         l_ = meta(s.B, s.H, s.N, dtype=torch.float32)
-        ops.append(_op(f"{mode} attention fwd", lambda m=mode: sta._st_attention_fwd_triton(qkv, s.T, s.S, m),
+        ops.append(_op(f"{mode} attention fwd", (sta._st_attention_fwd_triton, qkv, s.T, s.S, mode),
                        4 * big + lse, useful_fwd, {"_st_attn_fwd_kernel": 4 * big + lse}, fwd_k))
         ops.append(_op(f"{mode} attention bwd",
-                       lambda m=mode: sta._st_attention_bwd_triton(o, qkv, o, l_, s.T, s.S, m),
+                       (sta._st_attention_bwd_triton, o, qkv, o, l_, s.T, s.S, mode),
                        8 * big + lse, 2.5 * useful_fwd, bwd_bytes, bwd_k))
     return ops
 
@@ -185,12 +187,12 @@ def cross_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
         cover = lambda n, b: math.ceil(n / b) * b  # noqa: E731
         heads = s.B * s.H
         useful = heads * _attn_flops(s.N, L, s.D, 2)
-        ops.append(_op(f"cross attention fwd L={L}", lambda: gca._triton_fwd(None, q, k, v, None, mask, True),
+        ops.append(_op(f"cross attention fwd L={L}", (gca._triton_fwd, None, q, k, v, None, mask, True),
                        2 * big + small + lse, useful, {"_gca_fwd_kernel": 2 * big + small + lse},
                        {"_gca_fwd_kernel": heads * _attn_flops(cover(s.N, bm), cover(L, bn), Dp, 2)}))
         o = meta(s.B, s.N, s.H, s.D, dtype=dt)
         l_ = meta(s.B, s.H, s.N, dtype=torch.float32)
-        ops.append(_op(f"cross attention bwd L={L}", lambda: gca._triton_bwd(o, q, k, v, None, mask, o, l_),
+        ops.append(_op(f"cross attention bwd L={L}", (gca._triton_bwd, o, q, k, v, None, mask, o, l_),
                        4 * big + 2 * small + lse, 2.5 * useful,
                        {"_gca_bwd_preprocess_kernel": 2 * big + lse,
                         "_gca_bwd_dkdv_kernel": 2 * big + 2 * small + 2 * lse,
@@ -208,7 +210,7 @@ def cross_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
     bm, bn = gca._TILES["fp32" if dt == torch.float32 else "tc"]["fwd"][:2]
     issued = s.B * s.H * _attn_flops(math.ceil(s.N / bm) * bm, math.ceil(L / bn) * bn, Dp, 2)
     ops.append(_op(f"gated cross attention fwd L={L}",
-                   lambda: gca._triton_fwd(x, q, kv[:, :, 0], kv[:, :, 1], lam, mask, True),
+                   (gca._triton_fwd, x, q, kv[:, :, 0], kv[:, :, 1], lam, mask, True),
                    4 * big + small + lse, useful, {"_gca_fwd_kernel": 4 * big + small + lse},
                    {"_gca_fwd_kernel": issued}))
     return ops
@@ -219,7 +221,7 @@ def cross_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _step_bytes(st: aot.KernelStats, dt_size: int) -> float:
+def _step_bytes(st: aot.KernelStats) -> float:
     """Bytes of global loads one program has in flight per step: its load instructions' widths x threads
     (a whole loop body's loads issue before their first use; cp.async stages add to it)."""
     per_thread = sum(int(w) // 8 * n for w, n in st.loads.items())
@@ -236,7 +238,7 @@ def kernel_time(st: aot.KernelStats, dram_bytes: float, flops: float) -> dict[st
     tail = waves / math.ceil(waves) if waves >= 1 else 1.0
     util = sm_busy * tail
     if t_bytes >= t_flops:  # memory-bound: enough loads in flight per SM?
-        inflight = min(st.ctas_per_sm, max(1, math.ceil(st.programs / H200["sms"]))) * _step_bytes(st, 2)
+        inflight = min(st.ctas_per_sm, max(1, math.ceil(st.programs / H200["sms"]))) * _step_bytes(st)
         util *= min(1.0, inflight / H200["inflight"])
     return dict(t_bytes_us=1e6 * t_bytes, t_flops_us=1e6 * t_flops, utilisation=util,
                 t_pred_us=1e6 * max(t_bytes, t_flops) / max(util, 1e-9))
@@ -286,7 +288,7 @@ def environment(shapes: Shapes) -> dict[str, Any]:
     return dict(target="sm_90a (compiled ahead of time, no GPU)", sms=H200["sms"], triton=triton.__version__,
                 torch=torch.__version__, ptxas=ptxas.strip().splitlines()[-1] if ptxas else "?",
                 git_sha=(sha or "unknown") + ("-dirty" if dirty else ""),
-                date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 shapes=dataclasses.asdict(shapes), ceilings=H200,
                 head_dim_padding_waste=head_padding_waste(shapes.D))
 

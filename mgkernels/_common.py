@@ -31,6 +31,10 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Trito
 CSRC_DTYPES = (torch.float32, torch.bfloat16)  # what the C++ kernels store
 
 
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
@@ -118,8 +122,8 @@ def row_tile(C: int, streams: int, esize: int = 2) -> dict:
 def row_split(x: torch.Tensor, B: int, N: int, rows_per_step: int, per_sm: int = 4) -> tuple[int, int]:
     """(programs per sample, tokens per program): tokens per program a multiple of ``rows_per_step``."""
     chunks = row_chunks(x, B, N, rows_per_step, per_sm)
-    rows = -(-(-(-N // chunks)) // rows_per_step) * rows_per_step
-    return -(-N // rows), rows
+    rows = cdiv(cdiv(N, chunks), rows_per_step) * rows_per_step
+    return cdiv(N, rows), rows
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -43,10 +43,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .dispatch import choose, interpreter_enabled
-
 from ._common import compute_dtype, providers_for, tl, triton
 from ._tiles import div_rows, dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+from .dispatch import choose, interpreter_enabled
 
 __all__ = ["cross_attn", "gated_cross_attn", "gated_cross_attn_ref"]
 

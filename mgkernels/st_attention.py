@@ -45,10 +45,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import choose, interpreter_enabled
-
 from ._common import pow2, providers_for, tl, triton
 from ._tiles import div_rows, dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+from .dispatch import choose, interpreter_enabled
 
 __all__ = ["st_attention", "st_attention_ref", "STAttentionFunction", "MODES"]
 
