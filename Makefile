@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
 PINS   := -c constraints.txt torch==2.13.0 triton==3.7.1
 STAMP  := $(VENV)/.modelgrow-installed
-EXTRAS ?= dev,text,vae,video,dali,train,eval
+EXTRAS ?= dev,text,vae,video,dali,train,eval,plot,wandb
 
 .PHONY: install demo test test-fast test-kernels clean-ext
 
