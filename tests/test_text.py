@@ -3,7 +3,11 @@
 Every model is a tiny random one built from a config and saved to a tmp dir; the tokenizers are real
 SentencePiece ones (one trained here for T5, the Llama one shipped in mistral-common)."""
 
+import html
 import os
+import re
+import urllib.parse as ul
+import warnings
 
 import pytest
 import torch
@@ -13,6 +17,14 @@ pytest.importorskip("sentencepiece")
 
 from modelgrow.text import LLAMA3_TEMPLATE, LLMEncoder, T5Encoder, clean_caption, text_preprocessing  # noqa: E402
 from modelgrow.text.tiny import LLAMA3_STYLE_CHAT_TEMPLATE, build_tiny_llama, build_tiny_t5  # noqa: E402
+
+try:  # Open-Sora v1.0's caption cleaning libraries (the `text` extra)
+    import ftfy
+    from bs4 import BeautifulSoup
+except ImportError:
+    ftfy = BeautifulSoup = None
+needs_text_libs = pytest.mark.skipif(ftfy is None or BeautifulSoup is None,
+                                     reason="ftfy or beautifulsoup4 missing (pip install ftfy beautifulsoup4)")
 
 PROMPTS = [
     "A cat runs on the beach at sunset while the camera pans slowly",
@@ -53,6 +65,243 @@ def test_clean_caption(raw, expected):
 
 def test_text_preprocessing_off():
     assert text_preprocessing("  A Cat  @x http://a.com ", use_text_preprocessing=False) == "a cat  @x http://a.com"
+
+
+# The reference: a verbatim copy of Open-Sora v1.0's caption cleaning (hpcaitech/Open-Sora, tag v1.0.0,
+# opensora/models/text_encoder/t5.py, class T5Embedder: bad_punct_regex, basic_clean and clean_caption; itself
+# adapted from PixArt-alpha / DeepFloyd-IF, AGPL-3.0), kept here as an oracle independent of modelgrow's code. Only
+# the class name is ours, and the invalid escapes of bad_punct_regex ("\)", "\(", ...) are written as raw strings
+# (the same values, without Python's invalid-escape warning). Its text_preprocessing is clean_caption applied twice.
+class OpenSoraT5Embedder:
+    bad_punct_regex = re.compile(
+        r"[" + "#®•©™&@·º½¾¿¡§~" + r"\)" + r"\(" + r"\]" + r"\[" + r"\}" + r"\{" + r"\|" + "\\" + r"\/" + r"\*" + r"]{1,}"
+    )  # noqa
+
+    @staticmethod
+    def basic_clean(text):
+        text = ftfy.fix_text(text)
+        text = html.unescape(html.unescape(text))
+        return text.strip()
+
+    def clean_caption(self, caption):
+        caption = str(caption)
+        caption = ul.unquote_plus(caption)
+        caption = caption.strip().lower()
+        caption = re.sub("<person>", "person", caption)
+        # urls:
+        caption = re.sub(
+            r"\b((?:https?:(?:\/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)))",  # noqa
+            "",
+            caption,
+        )  # regex for urls
+        caption = re.sub(
+            r"\b((?:www:(?:\/{1,3}|[a-zA-Z0-9%])|[a-zA-Z0-9.\-]+[.](?:com|co|ru|net|org|edu|gov|it)[\w/-]*\b\/?(?!@)))",  # noqa
+            "",
+            caption,
+        )  # regex for urls
+        # html:
+        caption = BeautifulSoup(caption, features="html.parser").text
+
+        # @<nickname>
+        caption = re.sub(r"@[\w\d]+\b", "", caption)
+
+        # 31C0—31EF CJK Strokes
+        # 31F0—31FF Katakana Phonetic Extensions
+        # 3200—32FF Enclosed CJK Letters and Months
+        # 3300—33FF CJK Compatibility
+        # 3400—4DBF CJK Unified Ideographs Extension A
+        # 4DC0—4DFF Yijing Hexagram Symbols
+        # 4E00—9FFF CJK Unified Ideographs
+        caption = re.sub(r"[\u31c0-\u31ef]+", "", caption)
+        caption = re.sub(r"[\u31f0-\u31ff]+", "", caption)
+        caption = re.sub(r"[\u3200-\u32ff]+", "", caption)
+        caption = re.sub(r"[\u3300-\u33ff]+", "", caption)
+        caption = re.sub(r"[\u3400-\u4dbf]+", "", caption)
+        caption = re.sub(r"[\u4dc0-\u4dff]+", "", caption)
+        caption = re.sub(r"[\u4e00-\u9fff]+", "", caption)
+        #######################################################
+
+        # все виды тире / all types of dash --> "-"
+        caption = re.sub(
+            r"[\u002D\u058A\u05BE\u1400\u1806\u2010-\u2015\u2E17\u2E1A\u2E3A\u2E3B\u2E40\u301C\u3030\u30A0\uFE31\uFE32\uFE58\uFE63\uFF0D]+",  # noqa
+            "-",
+            caption,
+        )
+
+        # кавычки к одному стандарту
+        caption = re.sub(r"[`´«»“”¨]", '"', caption)
+        caption = re.sub(r"[‘’]", "'", caption)
+
+        # &quot;
+        caption = re.sub(r"&quot;?", "", caption)
+        # &amp
+        caption = re.sub(r"&amp", "", caption)
+
+        # ip adresses:
+        caption = re.sub(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", " ", caption)
+
+        # article ids:
+        caption = re.sub(r"\d:\d\d\s+$", "", caption)
+
+        # \n
+        caption = re.sub(r"\\n", " ", caption)
+
+        # "#123"
+        caption = re.sub(r"#\d{1,3}\b", "", caption)
+        # "#12345.."
+        caption = re.sub(r"#\d{5,}\b", "", caption)
+        # "123456.."
+        caption = re.sub(r"\b\d{6,}\b", "", caption)
+        # filenames:
+        caption = re.sub(r"[\S]+\.(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)", "", caption)
+
+        #
+        caption = re.sub(r"[\"\']{2,}", r'"', caption)  # """AUSVERKAUFT"""
+        caption = re.sub(r"[\.]{2,}", r" ", caption)  # """AUSVERKAUFT"""
+
+        caption = re.sub(self.bad_punct_regex, r" ", caption)  # ***AUSVERKAUFT***, #AUSVERKAUFT
+        caption = re.sub(r"\s+\.\s+", r" ", caption)  # " . "
+
+        # this-is-my-cute-cat / this_is_my_cute_cat
+        regex2 = re.compile(r"(?:\-|\_)")
+        if len(re.findall(regex2, caption)) > 3:
+            caption = re.sub(regex2, " ", caption)
+
+        caption = self.basic_clean(caption)
+
+        caption = re.sub(r"\b[a-zA-Z]{1,3}\d{3,15}\b", "", caption)  # jc6640
+        caption = re.sub(r"\b[a-zA-Z]+\d+[a-zA-Z]+\b", "", caption)  # jc6640vc
+        caption = re.sub(r"\b\d+[a-zA-Z]+\d+\b", "", caption)  # 6640vc231
+
+        caption = re.sub(r"(worldwide\s+)?(free\s+)?shipping", "", caption)
+        caption = re.sub(r"(free\s)?download(\sfree)?", "", caption)
+        caption = re.sub(r"\bclick\b\s(?:for|on)\s\w+", "", caption)
+        caption = re.sub(r"\b(?:png|jpg|jpeg|bmp|webp|eps|pdf|apk|mp4)(\simage[s]?)?", "", caption)
+        caption = re.sub(r"\bpage\s+\d+\b", "", caption)
+
+        caption = re.sub(r"\b\d*[a-zA-Z]+\d+[a-zA-Z]+\d+[a-zA-Z\d]*\b", r" ", caption)  # j2d1a2a...
+
+        caption = re.sub(r"\b\d+\.?\d*[xх×]\d+\.?\d*\b", "", caption)
+
+        caption = re.sub(r"\b\s+\:\s+", r": ", caption)
+        caption = re.sub(r"(\D[,\./])\b", r"\1 ", caption)
+        caption = re.sub(r"\s+", " ", caption)
+
+        caption.strip()
+
+        caption = re.sub(r"^[\"\']([\w\W]+)[\"\']$", r"\1", caption)
+        caption = re.sub(r"^[\'\_,\-\:;]", r"", caption)
+        caption = re.sub(r"[\'\_,\-\:\-\+]$", r"", caption)
+        caption = re.sub(r"^\.\S+$", "", caption)
+
+        return caption.strip()
+
+
+def reference_preprocessing(text):
+    ref = OpenSoraT5Embedder()
+    return ref.clean_caption(ref.clean_caption(text))
+
+
+# captions without mojibake: the standard-library fallback gives the same result as ftfy + bs4 on these
+PLAIN_CAPTIONS = [
+    "Check https://example.com/page and www.foo.org now",
+    "Tom &amp; Jerry &lt;3 <b>bold</b> text",
+    "tea &amp;amp; cake &quot;fresh&quot; &#169; 2020 &eacute;t&eacute; &#x263A;",
+    "<p>a <i>red</i> ball</p><script>var x = 1;</script><!-- note --><style>p {}</style>",
+    "<div class='x'>Two <span>dogs</span><br/>playing</div> in the <a href='http://a.com'>park</a>",
+    "hi @john_doe look at this <person> walking",
+    "A \u201cquoted\u201d dog \u2014 running \u2013 fast, \u2018really\u2019 `fast` \u00abhere\u00bb",
+    "photo_of_a_cute_cat_on_a_sofa",
+    "this-is-my-cute-cat-video",
+    "IMG_1234.jpg a red car 1920x1080 at 192.168.0.1",
+    "\uff26\uff55\uff4c\uff4c width text \ufb01sh \u3000gap",
+    "A%20cat+on+a+mat",
+    "a cat \u732b sits \u3042\u30ab\u30bf\u30ab\u30ca \u3300 in Tokyo \u6771\u4eac",
+    "free shipping worldwide! download free now, click for details page 3",
+    "product jc6640 and jc6640vc and 6640vc231 and j2d1a2a3",
+    "#123 #12345 1234567 ***AUSVERKAUFT*** ...wow... a . b",
+    '"""a dog in the park"""',
+    "'single quoted caption'",
+    "literal \\n newline and a real\nnewline\r\nand tabs\tok",
+    "a: b :  c, d.e/f",
+    "  A   cat\t\n sits   on a mat  ",
+    "emoji \U0001f600 and symbols \u00ae \u2022 \u00b7 \u00bd",
+    "<![CDATA[raw text]]> after cdata <?php echo 1; ?>",
+    "price 12:30 ",
+    ".hidden",
+    "",
+    12345,
+]
+# mojibake (UTF-8 read as cp1252): only ftfy repairs some of it. Open-Sora lower-cases before ftfy, so "Ã©"
+# becomes "ã©", which ftfy leaves alone (both paths agree there); three-byte sequences starting with "â"
+# (punctuation U+2000..U+20FF) survive lower-casing and are repaired by ftfy only.
+MOJIBAKE_CAPTIONS = [
+    "CafÃ© au lait in the morning",
+    "crÃ¨me brÃ»lÃ©e on a plate",
+    "wait for itâ€¦ now",
+    "â€œquotedâ€\x9d text",
+    "priceâ€¯tag",
+    "euro â‚¬ sign",
+    "donâ€™t stop",
+]
+# (raw, Open-Sora v1.0 with ftfy + bs4, the standard-library fallback); measured with the reference above
+MOJIBAKE_FALLBACK = [
+    ("wait for itâ€¦ now", "wait for it\u2026 now", "wait for it\u00e2\u20ac\u00a6 now"),
+    ("priceâ€¯tag", "price tag", "price\u00e2\u20ac\u00aftag"),
+    ("euro â‚¬ sign", "euro \u20ac sign", "euro \u00e2'\u00ac sign"),
+    ("CafÃ© au lait in the morning", "caf\u00e3 au lait in the morning", "caf\u00e3 au lait in the morning"),
+]
+
+
+@needs_text_libs
+@pytest.mark.parametrize("raw", PLAIN_CAPTIONS + MOJIBAKE_CAPTIONS)
+def test_clean_caption_equals_open_sora_v1(raw):
+    import modelgrow.text.t5 as t5
+
+    assert t5.ftfy is not None and t5.BeautifulSoup is not None  # the libraries are the primary path
+    ref = OpenSoraT5Embedder()
+    assert clean_caption(raw) == ref.clean_caption(raw)
+    assert text_preprocessing(raw) == reference_preprocessing(raw)
+
+
+@pytest.fixture
+def fallback(monkeypatch, request):
+    """Force the standard-library stand-ins (``request.param``: which library is missing)."""
+    import modelgrow.text.t5 as t5
+
+    missing = getattr(request, "param", "both")
+    if missing in ("ftfy", "both"):
+        monkeypatch.setattr(t5, "ftfy", None)
+    if missing in ("bs4", "both"):
+        monkeypatch.setattr(t5, "BeautifulSoup", None)
+    monkeypatch.setattr(t5, "_warned_missing", False)
+    return missing
+
+
+@needs_text_libs
+@pytest.mark.parametrize("fallback", ["ftfy", "bs4", "both"], indirect=True)
+def test_clean_caption_fallback_warns_once_and_matches_without_mojibake(fallback):
+    names = {"ftfy": "ftfy not installed", "bs4": "beautifulsoup4 not installed",
+             "both": "ftfy and beautifulsoup4 not installed"}
+    with pytest.warns(RuntimeWarning, match=names[fallback]) as rec:
+        out = text_preprocessing(PLAIN_CAPTIONS[0])
+    assert len(rec) == 1 and "pip install ftfy beautifulsoup4" in str(rec[0].message)
+    assert out == reference_preprocessing(PLAIN_CAPTIONS[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one-time: no second warning
+        for raw in PLAIN_CAPTIONS:
+            assert clean_caption(raw) == OpenSoraT5Embedder().clean_caption(raw), raw
+            assert text_preprocessing(raw) == reference_preprocessing(raw), raw
+
+
+@needs_text_libs
+@pytest.mark.parametrize("raw, with_ftfy, without", MOJIBAKE_FALLBACK)
+def test_clean_caption_fallback_mojibake_difference(fallback, raw, with_ftfy, without):
+    """Without ftfy, mojibake that survives lower-casing is left unrepaired (documented difference)."""
+    with pytest.warns(RuntimeWarning):
+        got = text_preprocessing(raw)
+    assert reference_preprocessing(raw) == with_ftfy
+    assert got == without
 
 
 # ------------------------------------------------------------------------------------------------------------

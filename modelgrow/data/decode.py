@@ -4,7 +4,8 @@ and the decoder router (``auto | dali | dali-cpu | pyav``).
 PyAV decodes only what it must: frames before the first requested index are decoded but not converted to
 RGB, decoding stops after the last requested index, and when the first requested index is far into the file
 (``seek_threshold`` frames) it seeks to the key frame before it and recovers frame indices from timestamps
-(falling back to a sequential decode if the timestamps do not look constant-rate).
+(falling back to a sequential decode if the timestamps do not look constant-rate). The RGB conversion is PyAV's
+own (libswscale, ``frame_to_rgb``), with each frame's YUV matrix (BT.709 / BT.601 / ...) and colour range.
 
 Frame numbering is presentation order, 0-based, the same as ``modelgrow.video_io.read_video`` and DALI's
 ``decoders.video``. ``probe(path)`` gives the frame count (container metadata, or counting packets without
@@ -13,6 +14,7 @@ decoding) and the codec name.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -22,8 +24,8 @@ import numpy as np
 
 from .manifest import is_image
 
-__all__ = ["DecodeError", "yuv420_to_rgb", "frame_to_rgb", "VideoInfo", "probe", "read_image", "decode_pyav", "PyAVDecoder", "FrameDecoder",
-           "DALI_CPU_CODECS", "resolve_decoder"]
+__all__ = ["DecodeError", "SWS_FLAGS", "frame_to_rgb", "VideoInfo", "probe", "read_image", "decode_pyav", "PyAVDecoder",
+           "FrameDecoder", "DALI_CPU_CODECS", "resolve_decoder"]
 
 log = logging.getLogger("modelgrow.data")
 
@@ -87,42 +89,68 @@ def read_image(path: str) -> np.ndarray:
     return arr[None]
 
 
-def _plane(frame, i: int, h: int, w: int) -> np.ndarray:
-    p = frame.planes[i]
-    return np.frombuffer(p, np.uint8).reshape(-1, p.line_size)[:h, :w]
+# AVColorSpace (the frame's tag) -> swscale's name for the YUV->RGB matrix; anything else (unspecified, ...) is
+# converted as BT.601, swscale's default and DALI's. BT.2020 (9, 10) only where PyAV names it (>= 17).
+_SWS_COLORSPACE = {1: "ITU709", 4: "FCC", 5: "ITU601", 6: "ITU601", 7: "SMPTE240M", 9: "BT2020", 10: "BT2020"}
+# SWS_BILINEAR | SWS_FULL_CHR_H_INT | SWS_ACCURATE_RND: bilinear chroma upsampling at full horizontal resolution
+# with exact rounding, the conversion DALI's CPU video decoder makes (measured bit-identical on a VP9 clip with
+# sharp colour edges). swscale's default fast path (SWS_BILINEAR alone: nearest chroma) converts 5-8x faster
+# (256x256: 0.04 vs 0.2-0.3 ms a frame) but is up to ~115 levels off DALI at such edges.
+SWS_FLAGS = 0x2 | 0x2000 | 0x40000
+_sws_flags_ok = True  # PyAV < 14.4 accepts only one named interpolation, not OR-ed flags
 
 
-def yuv420_to_rgb(y: np.ndarray, u: np.ndarray, v: np.ndarray, full_range: bool = False) -> np.ndarray:
-    """8-bit 4:2:0 planes -> uint8 RGB ``[H, W, 3]``: BT.601 matrix, chroma upsampled bilinearly with centred
-    siting. This is the conversion DALI's video decoder applies (measured: within 1 LSB of it), so the PyAV
-    and DALI paths give the same pixels; swscale's default (nearest chroma) differs by up to ~40 levels at
-    sharp colour edges."""
-    import torch
-    import torch.nn.functional as F
+@functools.cache
+def _has_bt2020() -> bool:
+    from av.video.reformatter import Colorspace
 
-    H, W = y.shape
-    yy = torch.from_numpy(np.ascontiguousarray(y)).float()
-    uv = torch.from_numpy(np.stack([u, v])).float()[None]  # [1, 2, h, w]
-    uv = F.interpolate(uv, size=(H, W), mode="bilinear", align_corners=False)[0] - 128.0
-    if full_range:
-        cb, cr = uv[0], uv[1]
-    else:
-        yy = (yy - 16.0) * (255.0 / 219.0)
-        cb, cr = uv[0] * (255.0 / 224.0), uv[1] * (255.0 / 224.0)
-    rgb = torch.stack([yy + 1.402 * cr, yy - 0.344136 * cb - 0.714136 * cr, yy + 1.772 * cb], -1)
-    return rgb.round_().clamp_(0, 255).to(torch.uint8).numpy()
+    return hasattr(Colorspace, "BT2020")
 
 
-def frame_to_rgb(frame) -> np.ndarray:
-    """A decoded PyAV frame -> uint8 ``[H, W, 3]`` (DALI-compatible conversion for 8-bit 4:2:0; swscale's for
-    other pixel formats)."""
-    fmt = frame.format.name
-    if fmt in ("yuv420p", "yuvj420p"):
-        h, w = frame.height, frame.width
-        ch, cw = (h + 1) // 2, (w + 1) // 2
-        full = fmt == "yuvj420p" or getattr(frame, "color_range", 0) == 2  # AVCOL_RANGE_JPEG
-        return yuv420_to_rgb(_plane(frame, 0, h, w), _plane(frame, 1, ch, cw), _plane(frame, 2, ch, cw), full)
-    return frame.to_ndarray(format="rgb24")
+def _rgb_kwargs(frame) -> dict:
+    """``VideoReformatter.reformat`` arguments that convert ``frame`` to RGB with its own matrix and range.
+
+    PyAV >= 17 (``sws_scale_frame``) reads the frame's colorspace and colour range by itself. Older PyAV (checked:
+    13.1, 16.0.1) passes neither to swscale unless told (BT.709 video came out in BT.601 colours, up to 23 levels
+    off) and skips the colour set-up altogether when source and destination colorspace and range compare equal,
+    so both are named explicitly here, with a destination colorspace that differs from the source one (an RGB
+    output has no YUV matrix: swscale ignores it)."""
+    fmt = frame.format
+    kw = {"format": "rgb24"}
+    if _sws_flags_ok:
+        kw["interpolation"] = SWS_FLAGS
+    if fmt.is_rgb or fmt.has_palette or len(fmt.components) < 3:  # RGB, palette, grey: no YUV matrix
+        return kw
+    src = _SWS_COLORSPACE.get(int(frame.colorspace), "ITU601")
+    if src == "BT2020" and not _has_bt2020():
+        src = "ITU601"
+    full = int(frame.color_range) == 2 or fmt.name.startswith("yuvj")  # AVCOL_RANGE_JPEG, or a JPEG pixel format
+    kw.update(src_colorspace=src, dst_colorspace="ITU601" if src == "ITU709" else "ITU709",
+              src_color_range="JPEG" if full else "MPEG", dst_color_range="JPEG")
+    return kw
+
+
+def frame_to_rgb(frame, reformatter=None) -> np.ndarray:
+    """A decoded PyAV frame -> uint8 ``[H, W, 3]`` through PyAV's own conversion (libswscale), with the frame's
+    YUV matrix (BT.709, BT.601, ...; untagged: BT.601) and colour range (limited or full), and DALI's chroma
+    upsampling (``SWS_FLAGS``). ``reformatter``: a ``av.video.reformatter.VideoReformatter`` to reuse across the
+    frames of one video (its swscale context is kept)."""
+    global _sws_flags_ok
+    if frame.format.name == "rgb24":
+        return frame.to_ndarray()
+    if reformatter is None:
+        from av.video.reformatter import VideoReformatter
+
+        reformatter = VideoReformatter()
+    kw = _rgb_kwargs(frame)
+    try:
+        out = reformatter.reformat(frame, **kw)
+    except (KeyError, ValueError, TypeError):
+        if "interpolation" not in kw:
+            raise
+        _sws_flags_ok = False  # old PyAV: swscale's default bilinear scaler
+        out = reformatter.reformat(frame, **_rgb_kwargs(frame))
+    return out.to_ndarray()
 
 
 def _frame_index(frame, stream, t0: float) -> int | None:
@@ -141,6 +169,9 @@ def decode_pyav(path: str, indices: Sequence[int], seek_threshold: int = 64, thr
         raise ValueError(f"negative frame index in {list(indices)}")
     wanted_set = set(wanted)
     got: dict[int, np.ndarray] = {}
+    from av.video.reformatter import VideoReformatter
+
+    reformatter = VideoReformatter()  # one swscale context for the whole file
     try:
         with av.open(str(path)) as c:
             s = c.streams.video[0]
@@ -162,7 +193,7 @@ def decode_pyav(path: str, indices: Sequence[int], seek_threshold: int = 64, thr
                 else:
                     idx += 1
                 if idx in wanted_set:
-                    got[idx] = frame_to_rgb(frame)
+                    got[idx] = frame_to_rgb(frame, reformatter)
                     if len(got) == len(wanted):
                         break
     except Exception as e:  # noqa: BLE001

@@ -1,20 +1,28 @@
 """Frozen T5 text encoder (Open-Sora v1.0 / PixArt-alpha: T5-v1.1-XXL, 120 tokens) and the caption cleaning
 that Open-Sora applies before tokenising.
 
-``clean_caption`` is a standard-library port of the DeepFloyd-IF / PixArt-alpha ``T5Embedder.clean_caption``
-rules, which Open-Sora v1.0 applies twice (``T5Embedder.text_preprocessing`` with ``use_text_preprocessing``
-left at True by its ``T5Encoder``). It uses the same regular expressions in the same order. The two
-third-party steps are replaced:
+``clean_caption`` is Open-Sora v1.0's ``T5Embedder.clean_caption`` (from DeepFloyd-IF / PixArt-alpha), which it
+applies twice (``T5Embedder.text_preprocessing`` with ``use_text_preprocessing`` left at True by its
+``T5Encoder``): the same regular expressions in the same order, and the same two third-party steps, called as
+Open-Sora calls them:
 
-* ``BeautifulSoup(caption, features="html.parser").text`` -> ``html.parser.HTMLParser`` (the parser bs4 itself
-  drives with ``features="html.parser"``), keeping text data and dropping tags, comments, declarations,
-  processing instructions and the contents of ``<script>``/``<style>``/``<template>`` (what ``.text`` of bs4
-  >= 4.10 leaves out). Character references are decoded by ``html.unescape`` (``convert_charrefs=True``),
-  whereas bs4 decodes them itself; the results differ only for malformed references.
-* ``ftfy.fix_text`` -> ``_fix_text``: terminal escapes removed, line breaks unified, control characters
-  removed, Latin ligatures and full-width characters replaced by their NFKC forms, curly quotes uncurled, NFC
-  normalisation. ftfy's mojibake repair (e.g. ``"Ã©"`` -> ``"é"``) is NOT reproduced: text that is already
-  valid Unicode comes out the same, doubly-decoded text is left as is.
+* ``BeautifulSoup(caption, features="html.parser").text`` (beautifulsoup4) to strip HTML;
+* ``ftfy.fix_text(caption)`` inside ``basic_clean``, followed by ``html.unescape`` twice.
+
+Both libraries come with the ``text`` extra (``pip install 'modelgrow[text]'`` or ``pip install ftfy
+beautifulsoup4``). When one of them cannot be imported, a standard-library stand-in is used for that step and a
+warning is issued once:
+
+* instead of bs4: ``html.parser.HTMLParser`` (the parser bs4 itself drives with ``features="html.parser"``),
+  keeping text data and dropping tags, comments, declarations, processing instructions and the contents of
+  ``<script>``/``<style>``/``<template>`` (what ``.text`` of bs4 >= 4.10 leaves out). Character references are
+  decoded by ``html.unescape``, whereas bs4 decodes them itself; the results differ only for malformed
+  references.
+* instead of ftfy: terminal escapes removed, line breaks unified, control characters removed, Latin ligatures
+  and full-width characters replaced by their NFKC forms, curly quotes uncurled, NFC normalisation. ftfy's
+  mojibake repair (e.g. ``"itâ€¦"`` -> ``"it…"``) is NOT reproduced: text that is already valid Unicode comes
+  out the same, doubly-decoded text is left as is. (Since the caption is lower-cased before ftfy runs, ``"Ã©"``
+  has become ``"ã©"``, which ftfy does not repair either: both paths agree there.)
 """
 
 from __future__ import annotations
@@ -23,11 +31,27 @@ import html
 import re
 import unicodedata
 import urllib.parse
+import warnings
 from html.parser import HTMLParser
 
 import torch
 
 from ._common import check_local_dir, freeze, load_pretrained, resolve_device, resolve_dtype
+
+try:
+    import ftfy
+except ImportError:  # the standard-library stand-in below is used (see the module docstring)
+    ftfy = None
+try:
+    import bs4
+    from bs4 import BeautifulSoup
+except ImportError:
+    BeautifulSoup = None
+else:
+    # bs4 warns when its input looks like a file name or URL ("cat.jpg"); a caption is never one, and the
+    # text comes out the same either way
+    if hasattr(bs4, "MarkupResemblesLocatorWarning"):
+        warnings.filterwarnings("ignore", category=bs4.MarkupResemblesLocatorWarning)
 
 __all__ = ["T5Encoder", "clean_caption", "text_preprocessing"]
 
@@ -37,8 +61,28 @@ __all__ = ["T5Encoder", "clean_caption", "text_preprocessing"]
 # ----------------------------------------------------------------------------------------------------------
 
 
+_warned_missing = False
+
+
+def _warn_missing_once() -> None:
+    global _warned_missing
+    if _warned_missing:
+        return
+    _warned_missing = True
+    missing = [name for name, mod in (("ftfy", ftfy), ("beautifulsoup4", BeautifulSoup)) if mod is None]
+    if missing:
+        warnings.warn(
+            f"caption cleaning: {' and '.join(missing)} not installed, using a standard-library stand-in, so "
+            "captions may differ from Open-Sora v1.0's (without ftfy, mojibake such as 'itâ€¦' is not repaired); "
+            "install them with `pip install ftfy beautifulsoup4` or the `text` extra "
+            "(`pip install 'modelgrow[text]'`)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 class _TextOnly(HTMLParser):
-    """HTML -> its text nodes (bs4 ``.text`` with the html.parser backend)."""
+    """Fallback for bs4: HTML -> its text nodes (bs4 ``.text`` with the html.parser backend)."""
 
     _SKIP = {"script", "style", "template"}
 
@@ -64,11 +108,17 @@ class _TextOnly(HTMLParser):
             self.handle_data(data[6:])
 
 
-def _html_text(s: str) -> str:
+def _html_text_fallback(s: str) -> str:
     p = _TextOnly()
     p.feed(s)
     p.close()
     return "".join(p.parts)
+
+
+def _html_text(s: str) -> str:
+    if BeautifulSoup is not None:
+        return BeautifulSoup(s, features="html.parser").text
+    return _html_text_fallback(s)
 
 
 _ANSI = re.compile(r"\x1b\[((?:\d|;)*)([a-zA-Z])")
@@ -80,8 +130,8 @@ _SINGLE_QUOTES = re.compile(r"[\u2018-\u201b]")
 _DOUBLE_QUOTES = re.compile(r"[\u201c-\u201f]")
 
 
-def _fix_text(s: str) -> str:
-    """The parts of ``ftfy.fix_text`` (default settings) that do not need ftfy's mojibake tables."""
+def _fix_text_fallback(s: str) -> str:
+    """Fallback for ftfy: the parts of ``ftfy.fix_text`` (default settings) that need no mojibake tables."""
     s = _ANSI.sub("", s)
     s = _LINE_BREAKS.sub("\n", s)
     s = _CONTROL.sub("", s)
@@ -90,6 +140,10 @@ def _fix_text(s: str) -> str:
     s = _SINGLE_QUOTES.sub("'", s)
     s = _DOUBLE_QUOTES.sub('"', s)
     return unicodedata.normalize("NFC", s)
+
+
+def _fix_text(s: str) -> str:
+    return ftfy.fix_text(s) if ftfy is not None else _fix_text_fallback(s)
 
 
 def _basic_clean(s: str) -> str:
@@ -172,12 +226,14 @@ def _apply(rules: list[tuple[re.Pattern, str]], s: str) -> str:
 
 
 def clean_caption(caption: object) -> str:
-    """One pass of PixArt-alpha's caption cleaning (see the module docstring for what differs).
+    """One pass of Open-Sora v1.0's (PixArt-alpha's) caption cleaning, with ftfy and bs4 (or, without them, the
+    stand-ins described in the module docstring, after a one-time warning).
 
     Note that, like PixArt's, it lower-cases the caption, removes URLs, HTML tags and entities, @handles,
     CJK characters, file names, long numbers and product codes, normalises dashes and quotes, and collapses
     whitespace.
     """
+    _warn_missing_once()
     s = str(caption)
     s = urllib.parse.unquote_plus(s)
     s = s.strip().lower()
