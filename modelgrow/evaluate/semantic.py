@@ -35,12 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.synthetic import render_clip, sample_specs, vocabulary
+from ..data.synthetic import BACKGROUNDS, render_clip, sample_specs, vocabulary
 
-__all__ = ["SemanticClassifier", "train_classifier", "prepare_videos", "SCORED_ATTRIBUTES", "FRAMES", "RES",
-           "CROP"]
+__all__ = ["SemanticClassifier", "train_classifier", "prepare_videos", "background_of", "SCORED_ATTRIBUTES",
+           "MEASURED_ATTRIBUTES", "ALL_ATTRIBUTES", "FRAMES", "RES", "CROP"]
 
-SCORED_ATTRIBUTES = ("shape", "color", "direction")
+SCORED_ATTRIBUTES = ("shape", "color", "direction")  # learned heads
+MEASURED_ATTRIBUTES = ("background",)  # read off the frames with no learned weights
+ALL_ATTRIBUTES = SCORED_ATTRIBUTES + MEASURED_ATTRIBUTES
 FRAMES = 6  # frames the classifier looks at
 RES = 64  # frames are resized to RES x RES
 CROP = 24  # side of the foreground crop fed to the shape CNN
@@ -234,6 +236,17 @@ def _mlp(i: int, h: int, o: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(i, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, o))
 
 
+def background_of(x: torch.Tensor, names: Sequence[str] | None = None) -> list[str]:
+    """The named background of prepared clips x [B, K, 3, S, S] in [0, 1]: the median colour of the border pixels
+    over all frames, matched to the nearest of ``BACKGROUNDS`` (RGB distance; all names by default). No learned
+    weights: a clip whose border is a blend of two backgrounds gets the nearer one."""
+    names = list(names or BACKGROUNDS)
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], -1)  # [B, K, 3, 4S]
+    bg = border.transpose(1, 2).flatten(2).median(-1).values  # [B, 3]
+    ref = torch.tensor([BACKGROUNDS[n] for n in names], dtype=bg.dtype) / 255.0
+    return [names[int(k)] for k in torch.cdist(bg, ref).argmin(-1)]
+
+
 class SemanticClassifier(nn.Module):
     """Predicts shape, colour and motion direction of the synthetic world's object (labels: the union of the
     domains' vocabularies). ``predict`` -> attribute -> labels; ``score`` -> per-attribute accuracy against
@@ -285,25 +298,30 @@ class SemanticClassifier(nn.Module):
         return {a: torch.cat(v) if v else torch.zeros(0, len(self.vocab[a])) for a, v in out.items()}
 
     def predict(self, videos, batch_size: int = 64) -> dict[str, list[str]]:
-        """Attribute -> predicted labels (one per video)."""
+        """Attribute -> predicted labels (one per video): the learned heads' argmax and the measured background."""
         logits = self.predict_logits(videos, batch_size)
-        return {a: [self.vocab[a][int(k)] for k in logits[a].argmax(-1)] for a in SCORED_ATTRIBUTES}
+        out = {a: [self.vocab[a][int(k)] for k in logits[a].argmax(-1)] for a in SCORED_ATTRIBUTES}
+        if isinstance(videos, (np.ndarray, torch.Tensor)) and videos.ndim == 4:
+            videos = [videos]
+        out["background"] = [b for i in range(0, len(videos), batch_size)
+                             for b in background_of(prepare_videos(videos[i:i + batch_size]))]
+        return out
 
     def score(self, videos, attributes: Sequence[dict], batch_size: int = 64) -> dict:
         """Accuracy of the predictions against the prompts' attributes (dicts with ``shape``/``color``/
-        ``direction``; a missing attribute is not scored for that video). Returns per-attribute accuracy,
-        ``semantic_score`` (their mean), ``n`` and the per-video ``predictions``."""
+        ``direction``/``background``; a missing attribute is not scored for that video). Returns per-attribute
+        accuracy, ``semantic_score`` (their mean), ``n`` and the per-video ``predictions``."""
         pred = self.predict(videos, batch_size)
         n = len(pred["shape"])
         if len(attributes) != n:
             raise ValueError(f"{n} videos but {len(attributes)} attribute dicts")
         out: dict = {"n": n}
-        for a in SCORED_ATTRIBUTES:
+        for a in ALL_ATTRIBUTES:
             hits = [pred[a][i] == attributes[i][a] for i in range(n) if attributes[i].get(a) is not None]
             out[a] = float(np.mean(hits)) if hits else float("nan")
-        accs = [out[a] for a in SCORED_ATTRIBUTES if not math.isnan(out[a])]
+        accs = [out[a] for a in ALL_ATTRIBUTES if not math.isnan(out[a])]
         out["semantic_score"] = float(np.mean(accs)) if accs else float("nan")
-        out["predictions"] = [{a: pred[a][i] for a in SCORED_ATTRIBUTES} for i in range(n)]
+        out["predictions"] = [{a: pred[a][i] for a in ALL_ATTRIBUTES} for i in range(n)]
         return out
 
     # -- persistence --------------------------------------------------------------------------------------
