@@ -154,6 +154,10 @@ class DataConfig:
     llm: str | None = _f(None, "local causal-LM dir for the LLM condition")
     llm_layer: int = _f(-1, "which hidden state of the LLM conditions the model (-1 = last layer)")
     llm_use_template: bool = _f(True, "wrap prompts in the LLM's chat template (False: the paper's 'w/o template' ablation)")
+    val_cache_dir: str | None = _f(None, "held-out latent/text cache (modelgrow cache) for the validation of train.val_every; "
+                                   "used instead of data.val_manifest when set")
+    val_manifest: str | None = _f(None, "held-out CSV/Parquet manifest for the validation (raw videos, encoded once by "
+                                  "data.vae / t5 / llm: the centre clip, the VAE posterior mode)")
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
@@ -197,7 +201,14 @@ class TrainConfig:
     batch_size: int = _f(1, "samples per rank per step")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     seed: int = _f(42, "global seed (per-rank streams derive from it)")
-    ema_decay: float = _f(0.9999, "EMA decay (fp32 EMA weights)")
+    ema_decay: float = _f(0.9999, "EMA decay (fp32 EMA weights); with ema_warmup the largest decay the warm-up reaches")
+    ema_warmup: bool = _f(False, "EMA decay warm-up as diffusers' EMAModel(use_ema_warmup=True): at optimizer step n the "
+                                 "decay is 1 - (1 + (n - 1) / ema_inv_gamma) ** -ema_power clipped to [ema_min_decay, "
+                                 "ema_decay] (step 1 copies the weights); false: the fixed ema_decay from step 1")
+    ema_inv_gamma: float = _f(1.0, "EMA warm-up: inverse multiplicative factor of the step (diffusers' inv_gamma)")
+    ema_power: float = _f(2 / 3, "EMA warm-up exponent: 2/3 reaches 0.999 at 31.6K steps and 0.9999 at 1M (long runs), "
+                                 "3/4 reaches 0.999 at 10K and 0.9999 at 215K (diffusers' guidance)")
+    ema_min_decay: float = _f(0.0, "EMA warm-up: the smallest decay after the first step (diffusers' min_decay)")
     timestep_sampling: Literal["uniform", "logit_normal"] = _f(
         "uniform", "how the diffusion timestep of a training sample is drawn: uniform over the 1000 steps "
         "(Open-Sora v1.0) or logit-normal, t = 1000 * sigmoid(timestep_mean + timestep_std * n) (SD3), which "
@@ -211,6 +222,20 @@ class TrainConfig:
     lora_rank: int = _f(16, "LoRA rank (mode = lora)")
     log_every: int = _f(10, "print a step line every N steps")
     output_dir: str = _f("runs/train", "where checkpoints, logs and the resolved config go")
+    val_every: int = _f(0, "validate every N steps and at the last step (0 = off): the held-out denoising loss of "
+                           "data.val_cache_dir / data.val_manifest (mean IDDPM loss at 8 fixed timesteps with fixed "
+                           "noise: comparable across steps and runs) and train.val_samples sampled clips")
+    val_batches: int = _f(1, "held-out clips in the validation loss: the first val_batches * batch_size of the set")
+    val_samples: int = _f(0, "clips sampled at each validation from the first held-out prompts (0 = none), with the "
+                             "[sample] sampler, steps, guidance and seed, decoded by data.vae; mp4 + keyframe png "
+                             "under output_dir/val/step_N, TensorBoard and W&B")
+    val_weights: Literal["ema", "model", "both"] = _f("ema", "weights validated: the EMA, the trained weights or both "
+                                                             "(samples: the EMA's unless model)")
+    wandb: Literal["off", "online", "offline"] = _f("off", "Weights & Biases logging (pip install 'modelgrow[wandb]'): "
+                                                    "offline writes the run under output_dir/wandb without network "
+                                                    "(upload later with `wandb sync`)")
+    wandb_project: str = _f("modelgrow", "W&B project")
+    run_name: str | None = _f(None, "run name (W&B); default: the name of output_dir")
 
     def __post_init__(self) -> None:
         _check_finite(self, "train")
@@ -224,6 +249,15 @@ class TrainConfig:
         _check(self.timestep_sampling in ("uniform", "logit_normal"), "train.timestep_sampling",
                f"unknown {self.timestep_sampling!r}; choose uniform or logit_normal")
         _check(self.timestep_std > 0, "train.timestep_std", f"must be > 0, got {self.timestep_std}")
+        _check(self.ema_inv_gamma > 0, "train.ema_inv_gamma", f"must be > 0, got {self.ema_inv_gamma}")
+        _check(self.ema_power > 0, "train.ema_power", f"must be > 0, got {self.ema_power}")
+        _check(0.0 <= self.ema_min_decay <= self.ema_decay, "train.ema_min_decay",
+               f"must be in [0, train.ema_decay = {self.ema_decay}], got {self.ema_min_decay}")
+        _check(self.val_every >= 0 and self.val_samples >= 0, "train", "val_every and val_samples must be >= 0")
+        _check(self.val_batches > 0, "train.val_batches", f"must be > 0, got {self.val_batches}")
+        _check(self.val_weights in ("ema", "model", "both"), "train.val_weights", f"unknown {self.val_weights!r}")
+        _check(self.wandb in ("off", "online", "offline"), "train.wandb",
+               f"must be off, online or offline, got {self.wandb!r}")
 
 
 @dataclass

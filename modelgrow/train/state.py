@@ -36,17 +36,35 @@ def build_scheduler(opt: torch.optim.Optimizer, cfg: OptimConfig) -> torch.optim
 
 
 class EMA:
-    """fp32 exponential moving average of the trainable parameters (sharded like them under FSDP2)."""
+    """fp32 exponential moving average of the trainable parameters (sharded like them under FSDP2).
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    ``warmup=False``: every update uses ``decay``. ``warmup=True``: diffusers' ``EMAModel(use_ema_warmup=True)``
+    schedule, :meth:`decay_at`: the n-th optimizer step (1-based) uses ``1 - (1 + (n - 1) / inv_gamma) ** -power``
+    clipped to ``[min_decay, decay]``, and step 1 uses 0 (the average starts at the weights of the first step). The
+    step comes from the caller (the trainer's restored step count), so a resumed run continues the schedule."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False, inv_gamma: float = 1.0,
+                 power: float = 2 / 3, min_decay: float = 0.0):
+        self.decay, self.warmup, self.inv_gamma, self.power, self.min_decay = decay, warmup, inv_gamma, power, min_decay
         self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
 
+    def decay_at(self, step: int | None) -> float:
+        """The decay of the update after optimizer step ``step`` (1-based)."""
+        if not self.warmup or step is None:
+            return self.decay
+        n = step - 1
+        if n <= 0:
+            return 0.0
+        return max(min(1.0 - (1.0 + n / self.inv_gamma) ** -self.power, self.decay), self.min_decay)
+
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, step: int | None = None) -> float:
+        """Average in the current weights after optimizer step ``step``; returns the decay used."""
+        decay = self.decay_at(step)
         params = dict(model.named_parameters())
         names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - self.decay)
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach().float() for n in names], 1.0 - decay)
+        return decay
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

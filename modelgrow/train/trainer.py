@@ -3,9 +3,13 @@
 Per optimizer step: ``train.grad_accum`` batches of latents and text states (from the latent/text cache, or
 raw videos encoded on the fly by the VAE + T5 [+ LLM] in ``data.vae/t5/llm``), a diffusion timestep per
 sample (uniform as in Open-Sora v1.0, or logit-normal: ``train.timestep_sampling``), the joint condition
-dropout, the IDDPM loss (MSE + VB), AdamW with gradient clipping, the fp32 EMA. Every ``train.log_every`` steps one step line (DESIGN convention 8) goes to stdout, ``metrics.jsonl``
-and TensorBoard (when installed); a non-finite loss stops the run with an error before any checkpoint is
-written. Resumable checkpoints (train/checkpoint.py) every ``checkpoint.every_steps`` and at the end.
+dropout, the IDDPM loss (MSE + VB), AdamW with gradient clipping, the fp32 EMA (fixed ``train.ema_decay``, or
+diffusers' warm-up with ``train.ema_warmup``). Every ``train.log_every`` steps one step line (DESIGN convention 8)
+goes to stdout, ``metrics.jsonl``, TensorBoard (when installed) and Weights & Biases (``train.wandb``; see
+:class:`~modelgrow.train.metrics.MetricSinks`); a non-finite loss stops the run with an error before any checkpoint
+is written. Every ``train.val_every`` steps and at the last step, the validation (:class:`Validator`): the held-out
+denoising loss and optionally sampled clips. Resumable checkpoints (train/checkpoint.py) every
+``checkpoint.every_steps`` and at the end.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -28,7 +32,7 @@ from ..models import STDiT, from_pretrained, load_checkpoint
 from ..models.checkpoint import CONFIG_NAME
 from ..models.flops import stdit_flops
 from . import checkpoint as ckpt
-from .metrics import device_peak_tflops, memory_gib, step_line
+from .metrics import MetricSinks, device_peak_tflops, import_wandb, memory_gib, step_line
 from .parallelize import parallelize
 from .state import EMA, apply_lora, build_optimizer, build_scheduler, draw_condition_dropout
 
@@ -111,6 +115,309 @@ class Encoders:
         return out
 
 
+# the held-out loss: the demo's 8 timesteps, and noise keyed on (held-out clip, timestep) alone
+VAL_TIMESTEPS = tuple(int(t) for t in np.linspace(50, 950, 8).round())
+
+
+def val_noise(position: int, k: int, shape) -> torch.Tensor:
+    """The fixed noise of held-out clip ``position`` (its place in the held-out set) at ``VAL_TIMESTEPS[k]``: the
+    same in every run, whatever the seed, world size or batch size."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(position * len(VAL_TIMESTEPS) + k))
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Put FSDP2 modules back in their sharded state (a no-grad forward leaves the ones with
+    reshard_after_forward = False gathered, and the parameters are about to be swapped)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+class Validator:
+    """``train.val_every``: every N steps and at the last step, with the weights of ``train.val_weights`` (the
+    EMA by default; the trained weights are swapped back bit for bit afterwards), in eval mode, without touching
+    the training RNG (the training run is identical with and without validation):
+
+    * **held-out loss**: the mean IDDPM training loss (MSE + VB, the training objective without condition
+      dropout) of the first ``val_batches * batch_size`` clips of ``data.val_cache_dir`` (or of
+      ``data.val_manifest``, encoded once: centre clip, VAE posterior mode, like the cache) at the 8 timesteps
+      :data:`VAL_TIMESTEPS` with the noise :func:`val_noise`: a function of the weights and the held-out set alone,
+      comparable across steps and runs. Cost: ceil(clips / batch_size / world) * 8 forwards per rank.
+      Multi-rank (FSDP included): the clips' batches are split over the ranks (ranks with one batch fewer run a
+      zero-weight one: FSDP needs every rank in every forward) and the sum and count are all-reduced, so the value
+      is the same for any world size.
+    * **samples** (``train.val_samples`` > 0): the first held-out prompts (their cached text states, or the
+      manifest's prompts through data.t5 / llm) sampled with ``[sample]`` (sampler, num_sampling_steps, guidance
+      scales; start noise and sampler noise from ``sample.seed + i`` for prompt i, so the clips of two validations
+      differ only by the weights), the denoising loop and guidance of :class:`~modelgrow.pipeline.ModelGrowPipeline`
+      (T5-only classifier-free guidance, or the two-condition guidance with an LLM condition), decoded by
+      ``data.vae`` on rank 0. Every rank samples (FSDP forwards are collective); rank 0 writes
+      ``<output_dir>/val/step_NNNNNNN/NN.mp4`` + ``NN.png`` (keyframes) + ``prompts.json`` and hands them to the
+      metric sinks. Cost: val_samples * num_sampling_steps guided forwards (2 or 3 x the batch) + the VAE decode."""
+
+    def __init__(self, trainer: Trainer):
+        self.tr = trainer
+        cfg = trainer.cfg
+        d, t = cfg.data, cfg.train
+        if not (d.val_cache_dir or d.val_manifest):
+            raise ValueError(f"train.val_every = {t.val_every} needs held-out data: set data.val_cache_dir (a `modelgrow "
+                             "cache` of the held-out clips) or data.val_manifest (raw held-out videos)")
+        key, path = ("data.val_cache_dir", d.val_cache_dir) if d.val_cache_dir else ("data.val_manifest", d.val_manifest)
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{key} = {path!r}: no such file or directory")
+        if t.val_samples and not d.vae:
+            raise ValueError(f"train.val_samples = {t.val_samples} decodes the sampled clips with data.vae: set data.vae "
+                             "(a local VAE dir) or train.val_samples = 0")
+        self.weights = ["model", "ema"] if t.val_weights == "both" else [t.val_weights]
+        self.sample_weights = "model" if t.val_weights == "model" else "ema"
+        self.clips: list[dict[str, Any]] | None = None  # held-out clips (CPU): latent, y, mask [, y_llm, llm_mask], prompt
+        self.prompts: list[dict[str, Any]] = []  # prompts to sample and their text states
+        self.vae = None
+
+    # -- the held-out set --------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        if self.clips is not None:
+            return
+        tr, cfg = self.tr, self.tr.cfg
+        n_loss = cfg.train.val_batches * cfg.train.batch_size
+        if cfg.data.val_cache_dir:
+            from ..data.cache import CachedDataset
+
+            ds = CachedDataset(cfg.data.val_cache_dir)
+            ds.check_compatible(cfg)
+            clips = [ds.get(k) for k in range(min(n_loss, len(ds)))]
+            prompts = [{k: v for k, v in ds.get(k).items() if k != "latent"} for k in range(min(cfg.train.val_samples, len(ds)))]
+            source = f"data.val_cache_dir = {cfg.data.val_cache_dir}"
+        else:
+            clips, prompts = self._from_manifest(n_loss, cfg.train.val_samples)
+            source = f"data.val_manifest = {cfg.data.val_manifest}"
+        if not clips:
+            raise ValueError(f"{source}: the held-out set is empty")
+        if tr.has_llm and "y_llm" not in clips[0]:
+            raise ValueError(f"{source}: the model has an LLM condition but the held-out set has no LLM states "
+                             "(build the cache with --llm)")
+        if cfg.train.val_samples and tr.rank == 0:
+            if self.vae is None:
+                self.vae = self._load_vae()
+            if self.vae.out_channels != tr.model.in_channels:
+                raise ValueError(f"data.vae = {cfg.data.vae} has {self.vae.out_channels} latent channels, the model "
+                                 f"{tr.model.in_channels}")
+        self.clips, self.prompts = clips, prompts
+        if tr.rank == 0:
+            tr.log(f"validation every {cfg.train.val_every} steps: {len(clips)} held-out clips x {len(VAL_TIMESTEPS)} "
+                   f"timesteps ({source}), {len(prompts)} sampled prompts, weights {cfg.train.val_weights}")
+
+    def _load_vae(self):
+        from ..vae import VideoVAE
+
+        if self.tr.encoders is not None:
+            return self.tr.encoders.vae
+        return VideoVAE.from_pretrained(self.tr.cfg.data.vae, device=self.tr.device)
+
+    @torch.no_grad()
+    def _from_manifest(self, n_loss: int, n_prompts: int) -> tuple[list[dict], list[dict]]:
+        from ..data.loader import VideoDataset
+        from ..text.prompts import merge_prompt
+
+        tr, d = self.tr, self.tr.cfg.data
+        if tr.encoders is None:
+            enc = Encoders(tr.cfg, tr.device, tr.has_llm)
+            if d.manifest and not d.cache_dir:  # the run trains from raw videos too: one set of encoders
+                tr.encoders = enc
+        else:
+            enc = tr.encoders
+        ds = VideoDataset(d.val_manifest, d.num_frames, d.frame_interval, tuple(d.image_size), hflip=False,
+                          decoder=d.decoder, prompt_mode=d.prompt_mode, deterministic=True,
+                          device_id=int(os.environ.get("LOCAL_RANK", "0")))
+
+        def text(prompts: list[str]) -> list[dict[str, Any]]:
+            y, mask = enc.t5.encode(prompts)
+            out = [{"y": y[i].float().cpu(), "mask": mask[i].long().cpu(), "prompt": p} for i, p in enumerate(prompts)]
+            if enc.llm is not None:
+                y_llm, llm_mask = enc.llm.encode(prompts)
+                for i, o in enumerate(out):
+                    o |= {"y_llm": y_llm[i].float().cpu(), "llm_mask": llm_mask[i].long().cpu()}
+            return out
+
+        clips, B = [], tr.cfg.train.batch_size
+        n = min(n_loss, len(ds))
+        keep, enc.vae.sample_posterior = enc.vae.sample_posterior, False  # the posterior mode, as the cache
+        try:
+            for start in range(0, n, B):
+                items = [ds.load(k) for k in range(start, min(start + B, n))]
+                video = torch.stack([it["video"] for it in items]).to(tr.device, enc.vae.dtype)
+                latent = enc.vae.encode(video).float().cpu()
+                for i, o in enumerate(text([it["prompt"] for it in items])):
+                    clips.append({"latent": latent[i], "index": items[i]["index"], **o})
+        finally:
+            enc.vae.sample_posterior = keep
+        recs = [ds.manifest[k] for k in range(min(n_prompts, len(ds)))]
+        prompts = text([merge_prompt(r.caption, r.long_caption, d.prompt_mode) for r in recs]) if recs else []
+        if tr.cfg.train.val_samples and tr.rank == 0:
+            self.vae = enc.vae  # kept for decoding the samples (the text encoders go unless training uses them)
+        return clips, prompts
+
+    # -- one validation ----------------------------------------------------------------------------------
+    def run(self, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """(record, sampled clips) of the current weights; every rank takes part."""
+        tr = self.tr
+        t0 = time.perf_counter()
+        rec: dict[str, Any] = {"step": step}
+        items: list[dict[str, Any]] = []
+        was_training = tr.model.training
+        tr.model.eval()
+        devices = [tr.device.index or 0] if tr.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for which in self.weights:
+                    with self._weights(which):
+                        rec[f"loss_{which}"] = self.loss()
+                        if self.prompts and which == self.sample_weights:
+                            items = self.sample(step, which)
+        finally:
+            tr.model.train(was_training)
+        rec |= {"clips": len(self.clips), "timesteps": len(VAL_TIMESTEPS), "weights": tr.cfg.train.val_weights,
+                "time_s": time.perf_counter() - t0}
+        return rec, items
+
+    def line(self, rec: dict[str, Any], items: list[dict[str, Any]]) -> str:
+        losses = " | ".join(f"loss {rec[f'loss_{w}']:.4f} ({'EMA' if w == 'ema' else 'trained'} weights)"
+                            for w in self.weights)
+        media = f" | {len(items)} samples ({self.sample_weights}) in {items[0]['dir']}" if items else ""
+        return (f"val step {rec['step']} | {losses} | {rec['clips']} held-out clips x {rec['timesteps']} timesteps"
+                f"{media} | {rec['time_s']:.1f} s")
+
+    @contextmanager
+    def _weights(self, which: str):
+        """The model holds ``which`` weights inside the block (the EMA swapped in, then the trained ones back)."""
+        model, ema = self.tr.model, self.tr.ema
+        if which == "model":
+            try:
+                yield
+            finally:
+                _reshard(model)
+            return
+        with torch.no_grad():
+            backup = {n: p.detach().clone() for n, p in model.named_parameters() if n in ema.shadow}
+            ema.copy_to(model)
+        try:
+            yield
+        finally:
+            _reshard(model)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in backup:
+                        p.copy_(backup[n])
+
+    def _batches(self) -> list[list[int]]:
+        """Global batches (the same on every rank): consecutive held-out clips of one latent shape, <= batch_size."""
+        out: list[list[int]] = []
+        B = self.tr.cfg.train.batch_size
+        for j, c in enumerate(self.clips):
+            if out and len(out[-1]) < B and c["latent"].shape == self.clips[out[-1][0]]["latent"].shape:
+                out[-1].append(j)
+            else:
+                out.append([j])
+        return out
+
+    def _kwargs(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        dev = self.tr.device
+        kw = {"y": torch.stack([r["y"] for r in rows]).to(dev), "mask": torch.stack([r["mask"] for r in rows]).to(dev)}
+        if self.tr.has_llm:
+            kw |= {"y_llm": torch.stack([r["y_llm"] for r in rows]).to(dev),
+                   "llm_mask": torch.stack([r["llm_mask"] for r in rows]).to(dev)}
+        return kw
+
+    @torch.no_grad()
+    def loss(self) -> float:
+        tr = self.tr
+        batches = self._batches()
+        per_rank = -(-len(batches) // tr.world)
+        mine = batches[tr.rank :: tr.world]
+        weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+        mine += [batches[0]] * (per_rank - len(mine))
+        acc = torch.zeros(2, dtype=torch.float64, device=tr.device)  # weighted sum of losses, clip count
+        for idx, w in zip(mine, weights, strict=True):
+            rows = [self.clips[j] for j in idx]
+            x0 = torch.stack([r["latent"] for r in rows]).float().to(tr.device)
+            kw = self._kwargs(rows)
+            for k, tv in enumerate(VAL_TIMESTEPS):
+                noise = torch.stack([val_noise(j, k, x0.shape[1:]) for j in idx]).to(tr.device)
+                t = torch.full((len(idx),), tv, dtype=torch.long, device=tr.device)
+                with tr._autocast():
+                    loss = tr.diffusion.training_losses(tr.model, x0, t, model_kwargs=kw, noise=noise)["loss"]
+                acc[0] += w * loss.double().sum()
+            acc[1] += w * len(idx) * len(VAL_TIMESTEPS)
+        if tr.world > 1:
+            dist.all_reduce(acc)
+        return float(acc[0] / acc[1])
+
+    @torch.no_grad()
+    def sample(self, step: int, which: str) -> list[dict[str, Any]]:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from ..diffusion import cfg_model_fn, two_condition_model_fn
+        from ..diffusion.schedulers import denoise, make_scheduler
+        from ..video_io import keyframe_strip, to_uint8, write_png, write_video
+
+        tr, s = self.tr, self.tr.cfg.sample
+        model = tr.model
+
+        def forward(x, t, **kw):
+            with tr._autocast():
+                return model(x, t, **kw)
+
+        groups = 3 if tr.has_llm else 2
+        fn = two_condition_model_fn(forward, s.cfg_scale_t5, s.cfg_scale_llm) if tr.has_llm else cfg_model_fn(forward, s.cfg_scale_t5)
+        shape = (model.in_channels, *model.input_size)
+        scheduler = make_scheduler(s.sampler)
+        latents = []
+        for start in range(0, len(self.prompts), s.batch_size):
+            rows = self.prompts[start : start + s.batch_size]
+            n = len(rows)
+            gens = [torch.Generator().manual_seed(s.seed + start + i) for i in range(n)]
+            x = randn_tensor((n, *shape), generator=gens, device=tr.device, dtype=torch.float32) * scheduler.init_noise_sigma
+            c = self._kwargs(rows)
+            null_y = model.y_embedder.y_embedding.to(tr.device)[None, None].expand(n, 1, -1, -1).to(c["y"].dtype)
+            if tr.has_llm:
+                null_llm = model.llm_embedder.y_embedding.to(tr.device)[None, None].expand(n, 1, -1, -1).to(c["y_llm"].dtype)
+                ones = torch.ones_like(c["llm_mask"])
+                kw = {"y": torch.cat([c["y"], c["y"], null_y]), "mask": c["mask"],
+                      "y_llm": torch.cat([c["y_llm"], null_llm, null_llm]), "llm_mask": torch.cat([c["llm_mask"], ones, ones])}
+            else:
+                kw = {"y": torch.cat([c["y"], null_y]), "mask": c["mask"]}
+            latents.append(denoise(scheduler, fn, x, s.num_sampling_steps, kw, groups=groups, generator=gens))
+        if tr.rank != 0:
+            return []
+        x0 = torch.cat(latents)
+        folder = tr.out / "val" / f"step_{step:07d}"
+        if not bool(torch.isfinite(x0).all()):
+            tr.log(f"val step {step}: the sampled latents hold NaN/inf; no clips written")
+            return []
+        video = self.vae.decode(x0.to(self.vae.dtype)).float()
+        items, meta = [], []
+        for i, (row, v) in enumerate(zip(self.prompts, video, strict=True)):
+            frames = to_uint8(v)
+            strip = keyframe_strip(frames, n=min(4, len(frames)))
+            png = write_png(folder / f"{i:02d}.png", strip)
+            try:
+                mp4 = write_video(folder / f"{i:02d}.mp4", frames, fps=s.fps)
+            except ImportError:  # no PyAV: keyframes and the TensorBoard GIF only
+                mp4 = None
+            items.append({"prompt": row["prompt"], "frames": frames, "keyframes": strip, "fps": s.fps, "mp4": mp4,
+                          "png": png, "dir": folder})
+            meta.append({"index": i, "prompt": row["prompt"], "seed": s.seed + i, "weights": which,
+                         "mp4": mp4.name if mp4 else None, "png": png.name})
+        settings = {"sampler": s.sampler, "steps": s.num_sampling_steps, "cfg_scale_t5": s.cfg_scale_t5,
+                    **({"cfg_scale_llm": s.cfg_scale_llm} if tr.has_llm else {}), "step": step}
+        (folder / "prompts.json").write_text(json.dumps({"settings": settings, "samples": meta}, indent=1) + "\n")
+        return items
+
+
 class Trainer:
     def __init__(self, cfg: Config, loader: Iterable | None = None, log: Callable[[str], None] = print):
         self.cfg = cfg
@@ -127,14 +434,20 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim)
-        self.ema = EMA(self.model, cfg.train.ema_decay)
+        tc = cfg.train
+        self.ema = EMA(self.model, tc.ema_decay, warmup=tc.ema_warmup, inv_gamma=tc.ema_inv_gamma, power=tc.ema_power,
+                       min_decay=tc.ema_min_decay)
+        if tc.wandb != "off":
+            import_wandb()  # fail now, on every rank, rather than after the first steps
+        self.validator = Validator(self) if tc.val_every > 0 else None
+        self.val_history: list[dict[str, Any]] = []
+        self.sinks: MetricSinks | None = None
         self.diffusion = IDDPM(timestep_respacing="")
         self.loader = loader if loader is not None else self._default_loader()
         self.encoders: Encoders | None = None
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self._writer = None
         self._overwrite = False
         last = ckpt.latest_checkpoint(self.out / "checkpoints")
         if cfg.checkpoint.resume and last is not None:
@@ -198,9 +511,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.ema.update(self.model)
+        ema_decay = self.ema.update(self.model, step=self.step + 1)  # the optimizer step just taken (1-based)
         self._nonfinite |= ~torch.isfinite(total)
-        return {"loss": total, "grad_norm": grad_norm, "samples": samples, "tokens": tokens, "flop": flop}
+        return {"loss": total, "grad_norm": grad_norm, "samples": samples, "tokens": tokens, "flop": flop,
+                "ema_decay": ema_decay}
 
     def batch_cost(self, shape) -> tuple[int, float]:
         """(tokens, training FLOPs) of one sample of latent shape [B, C, T, H, W], cached per shape."""
@@ -261,6 +575,7 @@ class Trainer:
                 import shutil
 
                 shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+                shutil.rmtree(self.out / "val", ignore_errors=True)
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
             if dist.is_initialized():
                 dist.barrier()
@@ -271,6 +586,24 @@ class Trainer:
             self.log(f"model: {len(self.model.blocks)} blocks, {sum(p.numel() for p in self.model.parameters()):,} "
                      f"parameters ({sum(p.numel() for p in self.params):,} trainable) | world {self.world} | "
                      f"{self.device} | parallel {self.applied}")
+            self.sinks = MetricSinks(self.out, cfg.train.wandb, cfg.train.wandb_project, cfg.train.run_name,
+                                     config=config_to_dict(cfg), resume=self.step > 0)
+        failed = True
+        try:
+            self._fit()
+            failed = False
+        finally:
+            if self.sinks is not None:
+                self.sinks.close(failed=failed)
+                self.sinks = None
+        return self.history
+
+    def _fit(self) -> None:
+        cfg = self.cfg
+        if self.sinks is not None:
+            self.sinks.open()
+        if self.validator is not None:
+            self.validator.prepare()  # load (and check) the held-out set before the first step, not at the first validation
         it = iter(self.loader)
         window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0, "tokens": 0, "flop": 0.0}
         tokens = self.model.num_temporal * self.model.num_spatial
@@ -305,11 +638,26 @@ class Trainer:
                 self.check_finite()
                 self._log_step(out, window, tokens, flops, peak)
                 window = {"time": 0.0, "data": 0.0, "samples": 0, "steps": 0, "tokens": 0, "flop": 0.0}
+            if self.validator is not None and (self.step % cfg.train.val_every == 0 or last):
+                self.validate()  # outside the timed window: the step line's throughput is training alone
             if self.step % cfg.checkpoint.every_steps == 0 or last:
                 self.save()
         if bar is not None:
             bar.close()
-        return self.history
+
+    def validate(self) -> dict[str, Any]:
+        """One validation now (every rank takes part): the record logged as ``kind = "val"``."""
+        if self.validator is None:
+            raise ValueError("no validation configured: set train.val_every > 0 and data.val_cache_dir / val_manifest")
+        self.validator.prepare()
+        rec, items = self.validator.run(self.step)
+        self.val_history.append(rec)
+        if self.rank == 0:
+            self.log(self.validator.line(rec, items))
+            if self.sinks is not None:
+                self.sinks.log(rec, "val")
+                self.sinks.media(self.step, items)
+        return rec
 
     def _log_step(self, out, window, tokens, flops_per_sample, peak) -> None:
         loss = out["loss"].detach().clone()
@@ -325,23 +673,15 @@ class Trainer:
              "lr": self.scheduler.get_last_lr()[0], "samples_per_s": sps, "tokens_per_s": tps,
              "tflops": tflops, "mfu": tflops / (peak * self.world) if peak else None, "mem_gib": memory_gib(self.device),
              "data_wait": window["data"] / max(window["time"], 1e-9)}
+        if self.cfg.train.ema_warmup:  # the warm-up's current decay (fixed decay: not logged, as before)
+            m["ema_decay"] = out["ema_decay"]
         self.history.append(m)
         if self.rank != 0:
             return
         self.log(step_line(self.step, m))
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(m) + "\n")
-        if self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._writer = SummaryWriter(str(self.out / "tensorboard"))
-            except ImportError:
-                self._writer = False
-        if self._writer:
-            for k, v in m.items():
-                if k != "step" and v is not None:
-                    self._writer.add_scalar(f"train/{k}", v, self.step)
+        if self.sinks is None:  # a step logged outside fit()
+            self.sinks = MetricSinks(self.out, "off")
+        self.sinks.log(m, "train")
 
     # --------------------------------------------------------------------------------------------------
     def _extra(self) -> dict[str, Any]:
@@ -415,9 +755,10 @@ class Trainer:
 
 # keys that may differ from the checkpoint's run on resume: bookkeeping and sharding (no effect on the math) ...
 RESUME_FREE = ("train.steps", "train.log_every", "train.output_dir", "checkpoint.", "parallel.", "sample.",
-               "data.num_workers", "data.decoder", "data.max_fail_fraction", "model.from_pretrained")
-# ... and hyper-parameters that take effect from the next step (applied to the restored optimizer / scheduler)
-RESUME_APPLIED = ("optim.", "train.ema_decay")
+               "data.num_workers", "data.decoder", "data.max_fail_fraction", "model.from_pretrained",
+               "train.val_", "data.val_", "train.wandb", "train.run_name")
+# ... and hyper-parameters that take effect from the next step (applied to the restored optimizer / scheduler / EMA)
+RESUME_APPLIED = ("optim.", "train.ema_")
 
 
 def _resolve_model_sizes(cfg: dict) -> dict:
