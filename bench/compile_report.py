@@ -15,7 +15,22 @@ of the SMs that have work (a grid smaller than the GPU), times the last wave's f
 kernels) min(1, loads in flight per SM / 32 KB) -- Little's law: an SM needs about 32 KB of loads in flight
 to stream at its share of 4.3 TB/s with ~1 us of latency. K/V re-reads across the query blocks of one
 sequence count once: the 1-D grids run those programs side by side, so they are L2 hits (an assumption of
-the model; a GPU run checks it).
+the model; a GPU run checks it). A kernel launched several times (a problem split over launches) gets its
+bytes and FLOPs in proportion to its programs.
+
+Attention backwards (one pass, see mgkernels.st_attention): DRAM bytes = every input read once (q, k, v, o,
+dO, lse) + every gradient written once + the small tensors they zero (counters; the cross-attention's
+rowsum(dO * o) for dlam, zeroed and written). Issued FLOPs = 4 GEMMs over (queries covered by BLOCK_M) x
+(keys covered by BLOCK_N) + 1 GEMM (dQ = dS K) over (queries covered by BLOCK_Q) x (keys covered by BLOCK_N),
+each over the padded head dim. Their scratch -- dS in q's dtype, stored once and read once, and for split
+sequences the fp32 dK / dV partial sums (zero-filled once, one atomic add per split, read once; an atomic
+counted as the bytes it sends to L2) -- is counted as L2 traffic only, not as DRAM bytes: it is written and
+read back within about one program's lifetime by programs that run side by side (the key block is the fastest
+grid index), at most ~13 MB of it is live on a 50 MB L2 (3 CTAs x 132 SMs x 64 keys x 256 queries x 2 bytes),
+and the last reader drops it with discard.global.L2, so the dirty lines are never written back. The report
+lists, per op, all SM<->L2 traffic (re-reads and scratch included), the scratch part, and the L2 bandwidth the
+predicted time implies: the L2 is not a ceiling of the model (no measurement on this device yet), so an op
+whose implied L2 bandwidth is high (> ~10 TB/s) may be L2-bound on the GPU.
 
     python bench/compile_report.py                 # STDiT-XL/2 16x256x256, B = 8, captions 120 / 300
     python bench/compile_report.py --small --dtypes fp16 --out /tmp/r   # the CI test's shapes
@@ -48,7 +63,7 @@ from mgkernels import gated_cross_attn as gca  # noqa: E402
 from mgkernels import modulate as mod  # noqa: E402
 from mgkernels import residual_modulate as resmod  # noqa: E402
 from mgkernels import st_attention as sta  # noqa: E402
-from mgkernels._tiles import padded_head  # noqa: E402
+from mgkernels._tiles import padded_head, split_rows  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sm90-aot"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -99,15 +114,19 @@ class Op:
     kernel_bytes: dict[str, float]  # kernel name -> DRAM bytes moved
     kernel_flops: dict[str, float]  # kernel name -> matmul FLOPs issued (tiles as computed)
     launches: list[aot.Launch]
+    kernel_l2: dict[str, float] = dataclasses.field(default_factory=dict)  # kernel -> SM<->L2 bytes (all of them)
+    kernel_scratch: dict[str, float] = dataclasses.field(default_factory=dict)  # kernel -> of which L2-only scratch
 
 
 def _op(name: str, launch: tuple, min_bytes: float, useful_flops: float, kbytes: dict[str, float],
-        kflops: dict[str, float] | None = None) -> Op:
-    """Compile ``launch = (launcher, *arguments)`` for sm_90 and wrap it with its byte / FLOP counts."""
+        kflops: dict[str, float] | None = None, kl2: dict[str, float] | None = None,
+        kscratch: dict[str, float] | None = None) -> Op:
+    """Compile ``launch = (launcher, *arguments)`` for sm_90 and wrap it with its byte / FLOP counts (``kl2``:
+    the SM<->L2 traffic where it exceeds the DRAM bytes -- re-reads, scratch; default: the DRAM bytes)."""
     fn, *args = launch
     with aot.compile_only(sms=H200["sms"]) as launches:
         fn(*args)
-    return Op(name, min_bytes, useful_flops, kbytes, kflops or {}, list(launches))
+    return Op(name, min_bytes, useful_flops, kbytes, kflops or {}, list(launches), kl2 or {}, kscratch or {})
 
 
 def modulate_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
@@ -137,35 +156,53 @@ def st_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
     lse = s.B * s.H * s.N * 4
     qkv = meta(s.B, s.N, 3, s.H, s.D, dtype=dt)
     Dp = padded_head(s.D)
+    cover = lambda n, b: math.ceil(n / b) * b  # noqa: E731
     ops = []
     for mode in ("spatial", "temporal"):
         G, L, _, _ = sta._geometry(s.T, s.S, mode)
         cfg = sta._config(L, s.D, dt)
         seqs = s.B * G * s.H
+        row = s.D * E  # bytes of one token's head
         useful_fwd = seqs * _attn_flops(L, L, s.D, 2)
         if cfg["packed"]:
             tiles = s.B * math.ceil(G / cfg["PACK"]) * s.H
             issued = tiles * _attn_flops(cfg["BLOCK"], cfg["BLOCK"], Dp, 1)  # per GEMM over the packed tile
             fwd_k = {"_st_attn_fwd_kernel": issued * 2}
+            fwd_l2 = {}
             bwd_k = {"_st_attn_bwd_packed_kernel": issued * 5}
             bwd_bytes = {"_st_attn_bwd_packed_kernel": 8 * big + lse}
+            bwd_l2, bwd_scr = {}, {}
         else:
             bm, bn = cfg["fwd"][:2]
-            cover = lambda b, n=L: math.ceil(n / b) * b  # noqa: E731
-            fwd_k = {"_st_attn_fwd_kernel": seqs * _attn_flops(cover(bm), cover(bn), Dp, 2)}
-            (kbm, kbn), (qbm, qbn) = cfg["dkdv"][:2], cfg["dq"][:2]
-            bwd_k = {"_st_attn_bwd_dkdv_kernel": seqs * _attn_flops(cover(kbm), cover(kbn), Dp, 4),
-                     "_st_attn_bwd_dq_kernel": seqs * _attn_flops(cover(qbm), cover(qbn), Dp, 3)}
-            bwd_bytes = {"_st_attn_bwd_delta_kernel": 2 * big + lse,
-                         "_st_attn_bwd_dkdv_kernel": 4 * big + 2 * lse + 2 * big,
-                         "_st_attn_bwd_dq_kernel": 4 * big + 2 * lse + big}
+            fwd_k = {"_st_attn_fwd_kernel": seqs * _attn_flops(cover(L, bm), cover(L, bn), Dp, 2)}
+            # every query block reads all of its sequence's keys and values (L2 hits after the first)
+            fwd_l2 = {"_st_attn_fwd_kernel": seqs * row * L * (2 + 2 * math.ceil(L / bm)) + lse}
+            # one-pass backward: program (sequence, split, key block); pass A = 4 GEMMs (P^T, dV, dP^T, dK) over
+            # the split's queries, then the split's last program 1 GEMM (dQ = dS K) over all keys
+            kbm, kbn, kbq = cfg["bwd"][:3]
+            cq = split_rows(L, max(kbm, kbq))
+            nqs, nn_ = math.ceil(L / cq), math.ceil(L / kbn)
+            q_rows = nqs * cover(cq, kbq) if nqs > 1 else cover(L, kbq)
+            bwd_k = {"_st_attn_bwd_kernel": seqs * (_attn_flops(cover(L, kbm), nn_ * kbn, Dp, 4)
+                                                    + _attn_flops(q_rows, nn_ * kbn, Dp, 1))}
+            counters = 4 * seqs * (nqs + (3 * nn_ if nqs > 1 else 0))  # torch.zeros
+            # DRAM: q, k, v, o, dO and lse read once, dq, dk, dv written once; the dS scratch (and the dK / dV
+            # accumulators of split sequences) stay in L2 -- see the module docstring
+            bwd_bytes = {"_st_attn_bwd_kernel": 8 * big + lse + counters}
+            ds_bytes = seqs * nqs * cq * nn_ * kbn * E
+            acc = seqs * nn_ * 2 * kbn * Dp * 4 if nqs > 1 else 0  # fp32 dK / dV partial sums of split keys
+            scratch = 2 * ds_bytes + acc * (nqs + 2)  # dS stored + read; acc zeroed, nqs atomic adds, read
+            # SM<->L2: every key block of a split reads the split's q, dO, o and lse; the dQ program all keys
+            reread = seqs * (nn_ * L * (3 * row + 4) + nqs * L * row) + (nqs - 1) * seqs * L * 2 * row
+            bwd_l2 = {"_st_attn_bwd_kernel": reread + 2 * big + 3 * big + lse + scratch}
+            bwd_scr = {"_st_attn_bwd_kernel": scratch}
         o = meta(s.B, s.N, s.C, dtype=dt)
         l_ = meta(s.B, s.H, s.N, dtype=torch.float32)
         ops.append(_op(f"{mode} attention fwd", (sta._st_attention_fwd_triton, qkv, s.T, s.S, mode),
-                       4 * big + lse, useful_fwd, {"_st_attn_fwd_kernel": 4 * big + lse}, fwd_k))
+                       4 * big + lse, useful_fwd, {"_st_attn_fwd_kernel": 4 * big + lse}, fwd_k, fwd_l2))
         ops.append(_op(f"{mode} attention bwd",
                        (sta._st_attention_bwd_triton, o, qkv, o, l_, s.T, s.S, mode),
-                       8 * big + lse, 2.5 * useful_fwd, bwd_bytes, bwd_k))
+                       8 * big + lse, 2.5 * useful_fwd, bwd_bytes, bwd_k, bwd_l2, bwd_scr))
     return ops
 
 
@@ -174,31 +211,44 @@ def cross_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
     big = s.B * s.N * s.C * E
     lse = s.B * s.H * s.N * 4
     Dp = padded_head(s.D)
+    row = s.D * E
+    heads = s.B * s.H
     q = meta(s.B, s.N, s.H, s.D, dtype=dt)
+    tiles = gca._TILES["fp32" if dt == torch.float32 else "tc"]
+    cover = lambda n, b: math.ceil(n / b) * b  # noqa: E731
+    bm, bn = tiles["fwd"][:2]
     ops = []
     for L in s.captions:
         kv = meta(s.B, L, 2, s.H, s.D, dtype=dt)
         k, v = kv[:, :, 0], kv[:, :, 1]
         mask = torch.empty(s.B, L, dtype=torch.bool, device="meta")
         small = 2 * s.B * L * s.C * E  # k and v
-        bm, bn = gca._TILES["fp32" if dt == torch.float32 else "tc"]["fwd"][:2]
-        kbm, kbn = gca._TILES["fp32" if dt == torch.float32 else "tc"]["dkdv"][:2]
-        qbm, qbn = gca._TILES["fp32" if dt == torch.float32 else "tc"]["dq"][:2]
-        cover = lambda n, b: math.ceil(n / b) * b  # noqa: E731
-        heads = s.B * s.H
         useful = heads * _attn_flops(s.N, L, s.D, 2)
+        fwd_l2 = {"_gca_fwd_kernel": 2 * big + lse + heads * math.ceil(s.N / bm) * L * 2 * row}
         ops.append(_op(f"cross attention fwd L={L}", (gca._triton_fwd, None, q, k, v, None, mask, True),
                        2 * big + small + lse, useful, {"_gca_fwd_kernel": 2 * big + small + lse},
-                       {"_gca_fwd_kernel": heads * _attn_flops(cover(s.N, bm), cover(L, bn), Dp, 2)}))
+                       {"_gca_fwd_kernel": heads * _attn_flops(cover(s.N, bm), cover(L, bn), Dp, 2)}, fwd_l2))
+        # one-pass backward: program (b, h, query split, key block); see st_attention_ops
+        kbm, kbn, kbq = tiles["bwd"][:3]
+        cq = split_rows(s.N, max(kbm, kbq))
+        nqs, nn_ = math.ceil(s.N / cq), math.ceil(L / kbn)
+        q_rows = nqs * cover(cq, kbq) if nqs > 1 else cover(s.N, kbq)
+        counters = 4 * heads * (nqs + (3 * nn_ if nqs > 1 else 0))
+        ds_bytes = heads * nqs * cq * nn_ * kbn * E
+        acc = heads * nn_ * 2 * kbn * Dp * 4 if nqs > 1 else 0
+        scratch = 2 * ds_bytes + acc * (nqs + 2)
+        # DRAM: q, o, dO, k, v, lse read once; dq, dk, dv written once; DOT (rowsum dO * o, for dlam) zeroed and
+        # written; dS and the fp32 dK / dV sums stay in L2
+        bwd_bytes = 4 * big + 2 * small + 3 * lse + counters
+        reread = heads * (nn_ * s.N * (3 * row + 4) + nqs * L * row) + (nqs - 1) * small
         o = meta(s.B, s.N, s.H, s.D, dtype=dt)
         l_ = meta(s.B, s.H, s.N, dtype=torch.float32)
         ops.append(_op(f"cross attention bwd L={L}", (gca._triton_bwd, o, q, k, v, None, mask, o, l_),
-                       4 * big + 2 * small + lse, 2.5 * useful,
-                       {"_gca_bwd_preprocess_kernel": 2 * big + lse,
-                        "_gca_bwd_dkdv_kernel": 2 * big + 2 * small + 2 * lse,
-                        "_gca_bwd_dq_kernel": 3 * big + small + 2 * lse},
-                       {"_gca_bwd_dkdv_kernel": heads * _attn_flops(cover(s.N, kbm), cover(L, kbn), Dp, 4),
-                        "_gca_bwd_dq_kernel": heads * _attn_flops(cover(s.N, qbm), cover(L, qbn), Dp, 3)}))
+                       4 * big + 2 * small + lse, 2.5 * useful, {"_gca_bwd_kernel": bwd_bytes},
+                       {"_gca_bwd_kernel": heads * (_attn_flops(cover(s.N, kbm), nn_ * kbn, Dp, 4)
+                                                    + _attn_flops(q_rows, nn_ * kbn, Dp, 1))},
+                       {"_gca_bwd_kernel": reread + big + 2 * small + 2 * lse + scratch},
+                       {"_gca_bwd_kernel": scratch}))
     # the gated op itself (residual in the epilogue), at the first caption length
     L = s.captions[0]
     kv = meta(s.B, L, 2, s.H, s.D, dtype=dt)
@@ -206,13 +256,13 @@ def cross_attention_ops(s: Shapes, dt: torch.dtype) -> list[Op]:
     lam = meta(s.H, dtype=torch.float32)
     mask = torch.empty(s.B, L, dtype=torch.bool, device="meta")
     small = 2 * s.B * L * s.C * E
-    useful = s.B * s.H * _attn_flops(s.N, L, s.D, 2)
-    bm, bn = gca._TILES["fp32" if dt == torch.float32 else "tc"]["fwd"][:2]
-    issued = s.B * s.H * _attn_flops(math.ceil(s.N / bm) * bm, math.ceil(L / bn) * bn, Dp, 2)
+    useful = heads * _attn_flops(s.N, L, s.D, 2)
+    issued = heads * _attn_flops(cover(s.N, bm), cover(L, bn), Dp, 2)
     ops.append(_op(f"gated cross attention fwd L={L}",
                    (gca._triton_fwd, x, q, kv[:, :, 0], kv[:, :, 1], lam, mask, True),
                    4 * big + small + lse, useful, {"_gca_fwd_kernel": 4 * big + small + lse},
-                   {"_gca_fwd_kernel": issued}))
+                   {"_gca_fwd_kernel": issued},
+                   {"_gca_fwd_kernel": 4 * big + lse + heads * math.ceil(s.N / bm) * L * 2 * row}))
     return ops
 
 
@@ -249,24 +299,31 @@ def report(shapes: Shapes, dtypes: list[str]) -> dict[str, Any]:
     for dname in dtypes:
         dt = DTYPES[dname]
         for op in modulate_ops(shapes, dt) + st_attention_ops(shapes, dt) + cross_attention_ops(shapes, dt):
-            t_pred = 0.0
-            issued_flops = 0.0
-            moved = 0.0
+            t_pred = issued_flops = moved = l2 = scratch = 0.0
+            programs: dict[str, int] = {}
+            for launch in op.launches:  # a kernel launched several times (problem split over launches)
+                programs[launch.kernel] = programs.get(launch.kernel, 0) + launch.programs
             for launch in op.launches:
                 st = aot.inspect(launch, sms=H200["sms"])
-                b = op.kernel_bytes.get(launch.kernel, 0.0)
-                f = op.kernel_flops.get(launch.kernel, 0.0)
+                share = launch.programs / programs[launch.kernel]  # of the kernel's bytes / FLOPs
+                b = share * op.kernel_bytes.get(launch.kernel, 0.0)
+                f = share * op.kernel_flops.get(launch.kernel, 0.0)
+                c = share * op.kernel_l2.get(launch.kernel, op.kernel_bytes.get(launch.kernel, 0.0))
+                x = share * op.kernel_scratch.get(launch.kernel, 0.0)
                 t = kernel_time(st, b, f)
                 t_pred += t["t_pred_us"]
                 issued_flops += f
                 moved += b
+                l2 += c
+                scratch += x
                 kernels.append(dict(op=op.name, dtype=dname, grid=list(launch.grid), **st.as_dict(),
                                     narrow_load_fraction=st.narrow_load_fraction(), dram_bytes=b,
-                                    issued_flops=f, **t))
+                                    issued_flops=f, l2_bytes=c, scratch_bytes=x, **t))
             t_min = 1e6 * max(op.min_bytes / H200["bw"], op.useful_flops / (H200["fma"] if dt == torch.float32 else H200["tc"]))
             ops.append(dict(op=op.name, dtype=dname, kernels=[launch.kernel for launch in op.launches],
                             min_bytes=op.min_bytes, dram_bytes=moved, useful_flops=op.useful_flops,
-                            issued_flops=issued_flops,
+                            issued_flops=issued_flops, l2_bytes=l2, scratch_bytes=scratch,
+                            l2_tbps_needed=l2 / (t_pred * 1e-6) / 1e12 if t_pred else 0.0,
                             padding_waste=(1 - op.useful_flops / issued_flops) if issued_flops else 0.0,
                             t_min_us=t_min, t_pred_us=t_pred, ratio=t_pred / t_min if t_min else float("nan")))
     return dict(kernels=kernels, ops=ops)
@@ -282,9 +339,9 @@ def environment(shapes: Shapes) -> dict[str, Any]:
 
     ptxas = subprocess.run([aot.nvidia_tool("ptxas"), "--version"], capture_output=True, text=True).stdout
     sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                         cwd=Path(__file__).parent).stdout.strip()
+                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "mgkernels"],
-                           capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     return dict(target="sm_90a (compiled ahead of time, no GPU)", sms=H200["sms"], triton=triton.__version__,
                 torch=torch.__version__, ptxas=ptxas.strip().splitlines()[-1] if ptxas else "?",
                 git_sha=(sha or "unknown") + ("-dirty" if dirty else ""),
@@ -318,11 +375,16 @@ def markdown(data: dict[str, Any]) -> str:
             f"{k['spill_bytes']} | {k['shared_bytes'] / 1024:.1f} | {k['ctas_per_sm']} ({k['occupancy_limit']}) | "
             f"{k['programs']} | {k['waves']:.2f} | {k['mma']} | {loads} | {k['cp_async']} | {k['t_pred_us']:.1f} |")
     lines += ["", "## Roofline per op (H200 ceilings: 4.3 TB/s, 790 TFLOP/s bf16, 60 TFLOP/s fp32 FMA)", "",
-              "| op | dtype | min MB | moved MB | useful GFLOP | issued GFLOP | tile waste | min us | predicted us | ratio |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "moved MB: DRAM bytes; L2 MB: all SM<->L2 traffic (re-reads included), of which L2-only MB is scratch "
+              "assumed never to reach DRAM (the one-pass backwards' dS and split dK / dV sums; module docstring); "
+              "L2 TB/s: what the L2 must deliver for the predicted time (not a ceiling of the model).", "",
+              "| op | dtype | min MB | moved MB | L2 MB | L2-only MB | L2 TB/s | useful GFLOP | issued GFLOP "
+              "| tile waste | min us | predicted us | ratio |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for o in data["ops"]:
         lines.append(
             f"| {o['op']} | {o['dtype']} | {o['min_bytes'] / 1e6:.1f} | {o['dram_bytes'] / 1e6:.1f} | "
+            f"{o['l2_bytes'] / 1e6:.1f} | {o['scratch_bytes'] / 1e6:.1f} | {o['l2_tbps_needed']:.1f} | "
             f"{o['useful_flops'] / 1e9:.1f} | {o['issued_flops'] / 1e9:.1f} | {100 * o['padding_waste']:.0f}% | "
             f"{o['t_min_us']:.1f} | {o['t_pred_us']:.1f} | {o['ratio']:.2f} |")
     return "\n".join(lines) + "\n"

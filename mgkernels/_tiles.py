@@ -110,3 +110,115 @@ def row_dot(a0, a1, b0, b1, D1: tl.constexpr):
     if D1 > 0:
         r += tl.sum(a1.to(tl.float32) * b1.to(tl.float32), 1)
     return r
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One-pass attention backwards (mgkernels.st_attention, mgkernels.gated_cross_attn): the queries of a sequence
+# are cut into splits of SPLIT_ROWS; the dS of a split lives in L2 from its key blocks' pass to its dQ (256 rows
+# x 64 keys x 2 bytes per program: ~13 MB for the ~400 programs an H100 / H200 holds at once, well inside its
+# 50 MB L2). One launch allocates at most SCRATCH_BYTES of dS (larger problems run as several launches).
+# ----------------------------------------------------------------------------------------------------------
+
+SPLIT_ROWS = 256
+SCRATCH_BYTES = 1 << 29
+MAXNREG = 168  # registers per thread of the backward kernels: 3 CTAs of 4 warps per SM (ptxas fits them spill-free)
+
+
+def split_rows(L: int, block: int, rows: int | None = None) -> int:
+    """Query rows of one split: a multiple of ``block``, at most ``rows`` (default SPLIT_ROWS) and no more than
+    the L queries need."""
+    return max(block, min(rows or SPLIT_ROWS, -(-L // block) * block) // block * block)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cross-program hand-offs of the one-pass attention backwards (see mgkernels.st_attention): a program publishes
+# its stores with ``arrive`` and the last of ``n`` arrivals continues with everything the others stored; scratch
+# that is dead after it is read is dropped from L2 with ``discard_l2`` (never written back to DRAM).
+# ----------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def arrive(CNT, n):
+    """True in the last of the n programs that arrive at counter CNT (int32, starting at 0). Every thread's
+    earlier stores are visible to that program's later (L1-bypassing: ``cache_modifier=".cg"``) loads: CTA
+    barrier + acq_rel atomic (one thread) + CTA barrier."""
+    tl.debug_barrier()
+    last = tl.atomic_add(CNT, 1, sem="acq_rel") == n - 1
+    tl.debug_barrier()
+    return last
+
+
+@triton.jit
+def discard_l2(lines):
+    """Drop the 128-byte L2 lines that start at the pointers ``lines`` (any shape, 128-byte aligned) without
+    writing them back: their contents become undefined. Callers place a CTA barrier before it (every thread's
+    loads of the lines done). GPU only (inline PTX; the CPU interpreter has no L2)."""
+    tl.inline_asm_elementwise("discard.global.L2 [$1], 128;\n\tmov.u32 $0, 0;", "=r,l", [lines], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def row_lines(base, R: tl.constexpr, C: tl.constexpr, stride):
+    """Pointers to the 128-byte lines of an [R, C] tile at ``base`` with row stride ``stride`` elements (rows of
+    C elements starting on 128-byte boundaries; C times the element size a multiple of 128 bytes)."""
+    per: tl.constexpr = 1024 // base.dtype.element_ty.primitive_bitwidth  # elements per line
+    return (base + tl.arange(0, R).to(tl.int64)[:, None] * stride + (tl.arange(0, C // per) * per)[None, :])
+
+
+@triton.jit
+def _tile_lines(base, NBYTES: tl.constexpr):
+    """Pointers to the 128-byte lines of NBYTES contiguous bytes at ``base`` (NBYTES / 128 a power of two)."""
+    return base + tl.arange(0, NBYTES // 128).to(tl.int64) * (1024 // base.dtype.element_ty.primitive_bitwidth)
+
+
+@triton.jit
+def split_open(ACC, CNT, R: tl.constexpr, D0: tl.constexpr, DA: tl.constexpr):
+    """Start of a program whose dK / dV are partial (its keys' queries are split over several programs): the
+    first of them to arrive zero-fills the group's fp32 accumulators ``ACC`` (dk0 [R, D0], dk1 [R, DA], dv0,
+    dv1, contiguous) and raises the flag. ``CNT``: the group's 3 int32 counters (ticket, flag, done)."""
+    if tl.atomic_add(CNT, 1, sem="relaxed") == 0:
+        r = tl.arange(0, R)
+        t0 = r[:, None] * D0 + tl.arange(0, D0)[None, :]
+        t1 = R * D0 + r[:, None] * DA + tl.arange(0, DA)[None, :]
+        tl.store(ACC + t0, tl.zeros([R, D0], tl.float32))
+        tl.store(ACC + t1, tl.zeros([R, DA], tl.float32))
+        tl.store(ACC + R * (D0 + DA) + t0, tl.zeros([R, D0], tl.float32))
+        tl.store(ACC + R * (D0 + DA) + t1, tl.zeros([R, DA], tl.float32))
+        tl.debug_barrier()
+        tl.atomic_xchg(CNT + 1, 1, sem="release")
+
+
+@triton.jit
+def split_close(ACC, CNT, n, dk0, dk1, dv0, dv1, D1: tl.constexpr, DISCARD: tl.constexpr):
+    """End of such a program: add its partial dK / dV to the accumulators (fp32 atomics, in L2) once they are
+    zero (the flag: set by a running program, so this never waits for one that has not started); the last of
+    the n programs gets the sums and True (and drops the accumulators from L2), the others False."""
+    R: tl.constexpr = dk0.shape[0]
+    D0: tl.constexpr = dk0.shape[1]
+    DA: tl.constexpr = dk1.shape[1]
+    r = tl.arange(0, R)
+    t0 = r[:, None] * D0 + tl.arange(0, D0)[None, :]
+    t1 = R * D0 + r[:, None] * DA + tl.arange(0, DA)[None, :]
+    ready = tl.atomic_add(CNT + 1, 0, sem="acquire")
+    while ready == 0:
+        ready = tl.atomic_add(CNT + 1, 0, sem="acquire")
+    tl.debug_barrier()
+    tl.atomic_add(ACC + t0, dk0, sem="relaxed")
+    tl.atomic_add(ACC + R * (D0 + DA) + t0, dv0, sem="relaxed")
+    if D1 > 0:
+        tl.atomic_add(ACC + t1, dk1, sem="relaxed")
+        tl.atomic_add(ACC + R * (D0 + DA) + t1, dv1, sem="relaxed")
+    last = arrive(CNT + 2, n)
+    if last:
+        dk0 = tl.load(ACC + t0, cache_modifier=".cg")
+        dv0 = tl.load(ACC + R * (D0 + DA) + t0, cache_modifier=".cg")
+        if D1 > 0:
+            dk1 = tl.load(ACC + t1, cache_modifier=".cg")
+            dv1 = tl.load(ACC + R * (D0 + DA) + t1, cache_modifier=".cg")
+        if DISCARD:
+            tl.debug_barrier()
+            discard_l2(_tile_lines(ACC, R * D0 * 4))
+            discard_l2(_tile_lines(ACC + R * D0, R * DA * 4))
+            discard_l2(_tile_lines(ACC + R * (D0 + DA), R * D0 * 4))
+            discard_l2(_tile_lines(ACC + R * (2 * D0 + DA), R * DA * 4))
+    return dk0, dk1, dv0, dv1, last

@@ -16,20 +16,23 @@ Shapes (B batch, N query tokens, L key tokens, H heads, D head dim):
 ``q``, ``k``, ``v`` share one floating dtype (fp32 / fp16 / bf16); any strides are accepted (they are read
 from the tensors, nothing is copied). Softmax statistics and all accumulation are fp32.
 
-Gradients: ``dx = dout``; with ``g = tanh(lam)`` the attention sees ``g * dout`` (flash-attention-2
-backward with the fp32 log-sum-exp saved by the forward); ``dlam = (1 - g^2) * sum(dout * o)`` summed over
+Gradients: ``dx = dout``; with ``g = tanh(lam)`` the attention sees ``g * dout`` (flash-attention backward
+with the fp32 log-sum-exp saved by the forward); ``dlam = (1 - g^2) * sum(dout * o)`` summed over
 everything (scalar ``lam``) or per head (``[H]`` ``lam``), where ``o`` is the un-gated attention output, which
 the forward writes as a second output only when a gradient is needed (it cannot be recovered from ``out``
-when ``g = 0``).
+when ``g = 0``). The backward is one kernel, the one-pass scheme of :mod:`mgkernels.st_attention`: a program
+per (b, h, split of 256 queries, key block) keeps dK, dV in registers over its queries, stores dS, and the
+split's last key block computes dQ = dS K; dK / dV of the 16 splits of N = 4096 queries are summed with fp32
+atomics in L2 (the first split to arrive zero-fills the accumulator; the last writes dk, dv).
 
 The plain cross-attention ``cross_attn(q, k, v, mask) = softmax(q k^T / sqrt(D) + mask) v`` runs the same
 kernels without gate and residual (``GATED=False``); it is what STDiT's T5 and LLM cross-attention call
 (their output projection sits between the attention and any gate, so the model fuses the gate, the residual
 and the next LayerNorm + modulation in :mod:`mgkernels.residual_modulate` instead).
 
-Kernels: flash-attention-2, head dim split 64 + 16 for D = 72 and 16-byte-aligned strides (see
-:mod:`mgkernels._tiles`), 1-D grids. In the sm_90 compile report (``bench/results/sm90-aot``) every fp16 /
-bf16 kernel is spill-free, on HGMMA, with 128-bit loads of q/k/v/o; the fp32 forward no longer spills.
+Kernels: flash-attention-2 forward, one-pass backward, head dim split 64 + 16 for D = 72 and 16-byte-aligned
+strides (see :mod:`mgkernels._tiles`), 1-D grids. In the sm_90 compile report (``bench/results/sm90-aot``) every
+fp16 / bf16 kernel is spill-free, on HGMMA, with 128-bit loads of q/k/v/o; the fp32 forward no longer spills.
 
 Layout of this file (one op per file): reference -> Triton kernels -> launchers -> ``torch.library`` custom
 ops (``mgkernels::gated_cross_attn_fwd`` / ``_bwd`` and ``mgkernels::cross_attn_fwd`` / ``_bwd``, provider
@@ -44,7 +47,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import compute_dtype, providers_for, tl, triton
-from ._tiles import div_rows, dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+from ._tiles import (
+    MAXNREG,
+    SCRATCH_BYTES,
+    arrive,
+    discard_l2,
+    div_rows,
+    dot_heads,
+    head_split,
+    load_head,
+    mm,
+    row_dot,
+    row_lines,
+    split_close,
+    split_open,
+    split_rows,
+    store_head,
+    vec_for,
+)
 from .dispatch import choose, interpreter_enabled
 
 __all__ = ["cross_attn", "gated_cross_attn", "gated_cross_attn_ref"]
@@ -181,142 +201,118 @@ def _gca_fwd_kernel(
 
 
 @triton.jit
-def _gca_bwd_preprocess_kernel(
-    DOUT, OATT, DOT,
-    sdb, sdn, sdh, sdd,
-    s_ob, s_on, s_oh, s_od,
-    stb, sth, stn,
-    H, N, NM,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """DOT[b, h, n] = sum_d dout * o (fp32, un-gated): delta = g * DOT, and dlam = (1 - g^2) * sum DOT."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % NM
-    h = pid // NM % H
-    b = pid // NM // H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_ok = offs_m < N
-    do0, do1 = load_head(DOUT + b * (sdb * VEC) + h * (sdh * VEC), offs_m * (sdn * VEC), m_ok, sdd, HEAD_DIM, D0, D1)
-    o0, o1 = load_head(OATT + b * (s_ob * VEC) + h * (s_oh * VEC), offs_m * (s_on * VEC), m_ok, s_od, HEAD_DIM, D0, D1)
-    tl.store(DOT + b * stb + h * sth + offs_m * stn, row_dot(do0, do1, o0, o1, D1), mask=m_ok)
-
-
-@triton.jit
-def _gca_bwd_dkdv_kernel(
-    Q, K, V, DOUT, G, MASK, LSE, DOT, DK, DV,
+def _gca_bwd_kernel(
+    Q, K, V, DOUT, OATT, G, MASK, KV_END, LSE, DOT, DQ, DK, DV, DS, CNT, KCNT, DKV,
     sqb, sqn, sqh, sqd,
     skb, skl, skh, skd,
     svb, svl, svh, svd,
     sdb, sdn, sdh, sdd,
+    s_ob, s_on, s_oh, s_od,
     smb, sml,
     slb, slh, sln,
     stb, sth, stn,
+    sdqb, sdqn, sdqh, sdqd,
     sdkb, sdkl, sdkh, sdkd,
     sdvb, sdvl, sdvh, sdvd,
-    H, N, L, NN, qk_scale, sm_scale,
+    H, N, L, NN, NQS, SEQ0, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
     HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_Q: tl.constexpr, CQ: tl.constexpr, LK: tl.constexpr, SPLIT: tl.constexpr, DISCARD: tl.constexpr,
 ):
-    """One block of keys per program, looping over every query block (deterministic, no atomics)."""
+    """One-pass backward (see mgkernels.st_attention): program (b, h, query split, key block), the key block
+    fastest. Pass A: dK, dV of the key block over the split's queries (delta = g * rowsum(dout * o) on the way,
+    stored for dlam by key block 0), dS^T of every query block stored; dK / dV summed over the query splits in
+    L2 (split_open / split_close) when there are several; the last of the split's key blocks computes
+    dQ = dS K from all of them."""
     pid = tl.program_id(0).to(tl.int64)
-    pid_n = pid % NN
-    h = pid // NN % H
-    b = pid // NN // H
+    kb = pid % NN
+    qs = pid // NN % NQS
+    lbh = pid // NN // NQS  # (b, h) pair of this launch
+    bh = SEQ0 + lbh
+    h = bh % H
+    b = bh // H
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     n_ok = offs_n < L
     keep = n_ok
     if HAS_MASK:
         keep = keep & (tl.load(MASK + b * smb + offs_n * sml, mask=n_ok, other=0) != 0)
-    k0, k1 = load_head(K + b * (skb * VEC) + h * (skh * VEC), offs_n * (skl * VEC), keep, skd, HEAD_DIM, D0, D1)
+    k_base = K + b * (skb * VEC) + h * (skh * VEC)
+    k0, k1 = load_head(k_base, offs_n * (skl * VEC), keep, skd, HEAD_DIM, D0, D1)
     v0, v1 = load_head(V + b * (svb * VEC) + h * (svh * VEC), offs_n * (svl * VEC), keep, svd, HEAD_DIM, D0, D1)
     g = tl.load(G + h).to(tl.float32)
+    q_base = Q + b * (sqb * VEC) + h * (sqh * VEC)
+    do_base = DOUT + b * (sdb * VEC) + h * (sdh * VEC)
+    o_base = OATT + b * (s_ob * VEC) + h * (s_oh * VEC)
+    ds_base = DS + (lbh * NQS + qs) * (CQ * LK)  # dS of this split: [CQ query rows, LK key columns]
+    kv_acc = DKV + (lbh * NN + kb) * (2 * BLOCK_N * (D0 + D1A))
+    if SPLIT:
+        split_open(kv_acc, KCNT + 3 * (lbh * NN + kb), BLOCK_N, D0, D1A)
+    m0 = qs * CQ  # the split's first query
+    NR = (N - m0).to(tl.int32)  # queries from it on (masks: keeps N's divisibility by 16)
+    NM = tl.where(qs < NQS - 1, CQ, NR)  # the split's queries
+    kv_end = L
+    if HAS_MASK:  # keys after the sample's last valid one are never visited (their dK = dV = 0, dS unused)
+        kv_end = tl.load(KV_END + b)
+    m_end = tl.where(kb * BLOCK_N < kv_end, NM, 0)
 
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1A], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)  # un-gated: sum p^T dout (times g at the end)
     dv1 = tl.zeros([BLOCK_N, D1A], dtype=tl.float32)
-    q_base = Q + b * (sqb * VEC) + h * (sqh * VEC)
-    do_base = DOUT + b * (sdb * VEC) + h * (sdh * VEC)
-    m_end = N
-    if HAS_MASK:  # a block of padding keys: dk = dv = 0 without visiting the queries
-        m_end = tl.where(tl.max(keep.to(tl.int32), axis=0) > 0, N, 0)
     for start_m in range(0, m_end, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M).to(tl.int64)
-        m_ok = offs_m < N
+        i = start_m + tl.arange(0, BLOCK_M)
+        m_ok = i < NR
+        offs_m = m0 + i.to(tl.int64)
         q0, q1 = load_head(q_base, offs_m * (sqn * VEC), m_ok, sqd, HEAD_DIM, D0, D1)
         do0, do1 = load_head(do_base, offs_m * (sdn * VEC), m_ok, sdd, HEAD_DIM, D0, D1)
+        o0, o1 = load_head(o_base, offs_m * (s_on * VEC), m_ok, s_od, HEAD_DIM, D0, D1)
+        dot = row_dot(do0, do1, o0, o1, D1)  # un-gated: delta = g * dot, dlam = (1 - g^2) * sum dot
+        tl.store(DOT + b * stb + h * sth + offs_m * stn, dot, mask=m_ok & (kb == 0))
         lse = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=m_ok, other=float("inf"))
-        dot = tl.load(DOT + b * stb + h * sth + offs_m * stn, mask=m_ok, other=0.0)
-        pt = tl.math.exp2(dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * qk_scale - (lse * 1.4426950408889634)[None, :])
-        pt = tl.where(keep[:, None], pt, 0.0)  # [BLOCK_N, BLOCK_M]
+        st = dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * qk_scale - (lse * 1.4426950408889634)[None, :]
+        pt = tl.math.exp2(tl.where(keep[:, None], st, float("-inf")))  # [BLOCK_N, BLOCK_M]; masked keys: 0
         dv0 = mm(pt.to(do0.dtype), do0, dv0, DOT_FP32)
         if D1 > 0:
             dv1 = mm(pt.to(do1.dtype), do1, dv1, DOT_FP32)
-        dst = pt * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) * g - (g * dot)[None, :])  # d(attn) = g * dout
-        dk0 = mm(dst.to(q0.dtype), q0, dk0, DOT_FP32)
+        dst = (pt * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) * g - (g * dot)[None, :])).to(q0.dtype)
+        dk0 = mm(dst, q0, dk0, DOT_FP32)
         if D1 > 0:
-            dk1 = mm(dst.to(q1.dtype), q1, dk1, DOT_FP32)
+            dk1 = mm(dst, q1, dk1, DOT_FP32)
+        tl.store(ds_base + i[None, :] * LK + offs_n[:, None], dst)  # padding rows, masked / padding keys: 0
 
+    write = True
+    if SPLIT:
+        dk0, dk1, dv0, dv1, write = split_close(kv_acc, KCNT + 3 * (lbh * NN + kb), NQS, dk0, dk1, dv0, dv1, D1,
+                                                DISCARD)
     # masked keys get an exact 0
-    store_head(DK + b * (sdkb * VEC) + h * (sdkh * VEC), offs_n * (sdkl * VEC), n_ok, sdkd, dk0 * sm_scale,
+    store_head(DK + b * (sdkb * VEC) + h * (sdkh * VEC), offs_n * (sdkl * VEC), n_ok & write, sdkd, dk0 * sm_scale,
                dk1 * sm_scale, HEAD_DIM, D0, D1)
-    store_head(DV + b * (sdvb * VEC) + h * (sdvh * VEC), offs_n * (sdvl * VEC), n_ok, sdvd, dv0 * g, dv1 * g,
+    store_head(DV + b * (sdvb * VEC) + h * (sdvh * VEC), offs_n * (sdvl * VEC), n_ok & write, sdvd, dv0 * g, dv1 * g,
                HEAD_DIM, D0, D1)
 
-
-@triton.jit
-def _gca_bwd_dq_kernel(
-    Q, K, V, DOUT, G, MASK, KV_END, LSE, DOT, DQ,
-    sqb, sqn, sqh, sqd,
-    skb, skl, skh, skd,
-    svb, svl, svh, svd,
-    sdb, sdn, sdh, sdd,
-    smb, sml,
-    slb, slh, sln,
-    stb, sth, stn,
-    sdqb, sdqn, sdqh, sdqd,
-    H, N, L, NM, qk_scale, sm_scale,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One block of queries per program, looping over every key block."""
-    pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid % NM
-    h = pid // NM % H
-    b = pid // NM // H
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_ok = offs_m < N
-    q0, q1 = load_head(Q + b * (sqb * VEC) + h * (sqh * VEC), offs_m * (sqn * VEC), m_ok, sqd, HEAD_DIM, D0, D1)
-    do0, do1 = load_head(DOUT + b * (sdb * VEC) + h * (sdh * VEC), offs_m * (sdn * VEC), m_ok, sdd, HEAD_DIM, D0, D1)
-    lse = tl.load(LSE + b * slb + h * slh + offs_m * sln, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    g = tl.load(G + h).to(tl.float32)
-    delta = g * tl.load(DOT + b * stb + h * sth + offs_m * stn, mask=m_ok, other=0.0)
-
-    dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
-    dq1 = tl.zeros([BLOCK_M, D1A], dtype=tl.float32)
-    k_base = K + b * (skb * VEC) + h * (skh * VEC)
-    v_base = V + b * (svb * VEC) + h * (svh * VEC)
-    kv_end = L
-    if HAS_MASK:  # keys after the sample's last valid one are never visited
-        kv_end = tl.load(KV_END + b)
-    for start_n in range(0, kv_end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
-        keep = offs_n < L
-        if HAS_MASK:
-            keep = keep & (tl.load(MASK + b * smb + offs_n * sml, mask=keep, other=0) != 0)
-        k0, k1 = load_head(k_base, offs_n * (skl * VEC), keep, skd, HEAD_DIM, D0, D1)
-        v0, v1 = load_head(v_base, offs_n * (svl * VEC), keep, svd, HEAD_DIM, D0, D1)
-        p = tl.math.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * qk_scale - lse[:, None])
-        p = tl.where(keep[None, :], p, 0.0)
-        ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) * g - delta[:, None])
-        dq0 = mm(ds.to(k0.dtype), k0, dq0, DOT_FP32)
-        if D1 > 0:
-            dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
-
-    store_head(DQ + b * (sdqb * VEC) + h * (sdqh * VEC), offs_m * (sdqn * VEC), m_ok, sdqd, dq0 * sm_scale,
-               dq1 * sm_scale, HEAD_DIM, D0, D1)
+    # dQ: the last of the split's NN programs computes dQ = dS K over the keys up to kv_end
+    if arrive(CNT + lbh * NQS + qs, NN):
+        for start_q in range(0, NM, BLOCK_Q):
+            iq = start_q + tl.arange(0, BLOCK_Q)
+            q_ok = iq < NR
+            dq0 = tl.zeros([BLOCK_Q, D0], dtype=tl.float32)
+            dq1 = tl.zeros([BLOCK_Q, D1A], dtype=tl.float32)
+            for start_n in range(0, kv_end, BLOCK_N):
+                jn = start_n + tl.arange(0, BLOCK_N).to(tl.int64)
+                kn0, kn1 = load_head(k_base, jn * (skl * VEC), jn < L, skd, HEAD_DIM, D0, D1)
+                ds = tl.load(ds_base + iq[:, None] * LK + jn[None, :], mask=q_ok[:, None], other=0.0,
+                             cache_modifier=".cg")
+                dq0 = mm(ds, kn0, dq0, DOT_FP32)
+                if D1 > 0:
+                    dq1 = mm(ds, kn1, dq1, DOT_FP32)
+            store_head(DQ + b * (sdqb * VEC) + h * (sdqh * VEC), (m0 + iq.to(tl.int64)) * (sdqn * VEC), q_ok, sdqd,
+                       dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
+        if DISCARD:  # the split's dS is dead: drop it from L2
+            tl.debug_barrier()
+            for start_q in range(0, NM, BLOCK_Q):
+                for start_n in range(0, kv_end, BLOCK_N):
+                    discard_l2(row_lines(ds_base + start_q * LK + start_n, BLOCK_Q, BLOCK_N, LK))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -325,16 +321,17 @@ def _gca_bwd_dq_kernel(
 # bf16), launch.
 # ----------------------------------------------------------------------------------------------------------
 
-# (BLOCK_M, BLOCK_N, warps, stages) per kernel; "tc": fp16 / bf16 on tensor cores, "fp32": exact IEEE fp32
+# "tc": fp16 / bf16 on tensor cores, "fp32": exact IEEE fp32. Forward: (BLOCK_M, BLOCK_N, warps, stages);
+# backward: (BLOCK_M, BLOCK_N, BLOCK_Q, warps, stages) -- pass A's query block x key block, dQ's query block.
 _TILES = {
-    "tc": dict(fwd=(64, 32, 4, 3), dkdv=(16, 64, 4, 2), dq=(64, 32, 4, 2)),
-    "fp32": dict(fwd=(32, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
+    "tc": dict(fwd=(64, 32, 4, 3), bwd=(16, 64, 64, 4, 1)),
+    "fp32": dict(fwd=(32, 32, 4, 2), bwd=(16, 32, 32, 4, 1)),
 }
 
 
 def _tiles(kernel: str, dtype: torch.dtype, block_m: int | None, block_n: int | None) -> dict:
-    bm, bn, warps, stages = _TILES["fp32" if dtype == torch.float32 else "tc"][kernel]
-    cfg = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn)
+    bm, bn, *bq, warps, stages = _TILES["fp32" if dtype == torch.float32 else "tc"][kernel]
+    cfg = dict(BLOCK_M=block_m or bm, BLOCK_N=block_n or bn, **({"BLOCK_Q": bq[0]} if bq else {}))
     if not interpreter_enabled():  # launch options the interpreter has no use for
         cfg.update(num_warps=warps, num_stages=stages)
     return cfg
@@ -400,9 +397,10 @@ def _triton_fwd(x: Tensor | None, q: Tensor, k: Tensor, v: Tensor, lam: Tensor |
 
 
 def _triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | None, mask: Tensor | None, o: Tensor,
-                lse: Tensor, block_m: int | None = None,
-                block_n: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(dq, dk, dv, dlam) from dout (gated: d out; plain, ``lam is None``: d o, and dlam is None)."""
+                lse: Tensor, block_m: int | None = None, block_n: int | None = None,
+                rows_per_split: int | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(dq, dk, dv, dlam) from dout (gated: d out; plain, ``lam is None``: d o, and dlam is None). One kernel
+    (``_gca_bwd_kernel``), launched once per group of (b, h) pairs whose dS scratch fits SCRATCH_BYTES."""
     B, N, H, D = q.shape
     L = k.shape[1]
     d4 = dout.unflatten(-1, (H, D)) if dout.dim() == 3 else dout
@@ -414,30 +412,32 @@ def _triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor | Non
     if dq.numel() and dk.numel():
         m, kv_end, smb, sml = _mask_arg(mask, q)
         scale = 1.0 / math.sqrt(D)
-        qk_scale = scale * math.log2(math.e)
         heads = _heads(D, q.dtype, [q, k, v, o, dq, dk, dv, d4])
         vec = heads["VEC"]
-        d4s = div_rows(d4, vec)
-        pre = _tiles("fwd", q.dtype, None, None)
-        pre.pop("BLOCK_N"), pre.pop("num_stages", None)
-        npre = triton.cdiv(N, pre["BLOCK_M"])
-        _gca_bwd_preprocess_kernel[(B * H * npre,)](
-            d4, o, dot, *d4s, *div_rows(o, vec), *dot.stride(), H, N, npre,
-            HEAD_DIM=D, D0=heads["D0"], D1=heads["D1"], VEC=vec, **pre,
-        )  # fmt: skip
-        common = (*div_rows(q, vec), *div_rows(k, vec), *div_rows(v, vec), *d4s, smb, sml, *lse.stride(), *dot.stride())
-        cfg = _tiles("dkdv", q.dtype, block_m, block_n)
-        nn_ = triton.cdiv(L, cfg["BLOCK_N"])
-        _gca_bwd_dkdv_kernel[(B * H * nn_,)](
-            q, k, v, d4, g, m, lse, dot, dk, dv, *common, *div_rows(dk, vec), *div_rows(dv, vec),
-            H, N, L, nn_, qk_scale, scale, HAS_MASK=mask is not None, **heads, **cfg,
-        )  # fmt: skip
-        cfg = _tiles("dq", q.dtype, block_m, block_n)
-        nm = triton.cdiv(N, cfg["BLOCK_M"])
-        _gca_bwd_dq_kernel[(B * H * nm,)](
-            q, k, v, d4, g, m, kv_end, lse, dot, dq, *common, *div_rows(dq, vec),
-            H, N, L, nm, qk_scale, scale, HAS_MASK=mask is not None, **heads, **cfg,
-        )  # fmt: skip
+        cfg = _tiles("bwd", q.dtype, block_m, block_n)
+        bm, bn, bq = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_Q"]
+        nn_ = triton.cdiv(L, bn)
+        cq = split_rows(N, max(bm, bq), rows_per_split)
+        nqs = triton.cdiv(N, cq)
+        split = nqs > 1
+        pairs = B * H
+        chunk = max(1, min(pairs, SCRATCH_BYTES // (nqs * cq * nn_ * bn * q.element_size())))  # (b, h) per launch
+        ds = torch.empty(chunk * nqs * cq * nn_ * bn, device=q.device, dtype=q.dtype)
+        dkv = torch.empty(chunk * nn_ * 2 * bn * (heads["D0"] + heads["D1A"]) if split else 1, device=q.device,
+                          dtype=torch.float32)
+        strides = (*div_rows(q, vec), *div_rows(k, vec), *div_rows(v, vec), *div_rows(d4, vec), *div_rows(o, vec),
+                   smb, sml, *lse.stride(), *dot.stride(), *div_rows(dq, vec), *div_rows(dk, vec), *div_rows(dv, vec))
+        discard = not interpreter_enabled() and bn * q.element_size() % 128 == 0  # whole 128-byte lines
+        regs = {} if interpreter_enabled() or q.dtype == torch.float32 else {"maxnreg": MAXNREG}  # 3 CTAs/SM
+        for seq0 in range(0, pairs, chunk):
+            n = min(chunk, pairs - seq0)
+            cnt = torch.zeros(n * nqs + (3 * n * nn_ if split else 0), device=q.device, dtype=torch.int32)
+            _gca_bwd_kernel[(n * nqs * nn_,)](
+                q, k, v, d4, o, g, m, kv_end, lse, dot, dq, dk, dv, ds, cnt, cnt[n * nqs:] if split else cnt, dkv,
+                *strides, H, N, L, nn_, nqs, seq0, scale * math.log2(math.e), scale,
+                HAS_MASK=mask is not None, CQ=cq, LK=nn_ * bn, SPLIT=split, DISCARD=discard,
+                **heads, **cfg, **regs,
+            )  # fmt: skip
     else:
         dq.zero_(), dk.zero_(), dv.zero_()
     dlam = _dlam_from_dot(dot.sum(dim=(0, 2)), lam, H) if lam is not None else None

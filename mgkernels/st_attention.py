@@ -20,19 +20,31 @@ temporal); group ``g`` of batch ``b`` holds tokens ``n = g*GS + i*IS`` for ``i <
 ``(G, L, GS, IS) = (T, S, S, 1)`` spatial and ``(S, T, 1, S)`` temporal.
 
 Algorithm: flash-attention-2. The forward saves ``lse: [B, H, T*S]`` (fp32, natural log, indexed by token).
-Sequences longer than a packed tile (spatial, S = 256) take the flash loop over key blocks; the backward
-computes ``delta = rowsum(dO * O)`` (a small kernel), then a dK/dV kernel (loop over query blocks) and a dQ
-kernel (loop over key blocks) -- deterministic, no atomics. Short sequences (temporal, T <= 64; <= 32 in
-fp32) are *packed*: several sequences share one 64-row tile under a block-diagonal mask, so the matmuls run
-on wgmma and there are 4-8x fewer programs; one fused backward kernel then computes delta, dQ, dK and dV of
-a packed tile (q/k/v/o/dO read once). The head dim is split into power-of-two parts (72 = 64 + 16, see
-:mod:`mgkernels._tiles`) and row strides are passed so that 16-byte alignment is visible to the compiler.
-fp32 accumulation; fp32/fp16/bf16 inputs (float64 and other dtypes use the PyTorch reference).
+Sequences longer than a packed tile (spatial, S = 256) take the flash loop over key blocks. Short sequences
+(temporal, T <= 64; <= 32 in fp32) are *packed*: several sequences share one 64-row tile under a
+block-diagonal mask, so the matmuls run on wgmma and there are 4-8x fewer programs; one fused backward kernel
+then computes delta, dQ, dK and dV of a packed tile (q/k/v/o/dO read once). The head dim is split into
+power-of-two parts (72 = 64 + 16, see :mod:`mgkernels._tiles`) and row strides are passed so that 16-byte
+alignment is visible to the compiler. fp32 accumulation; fp32/fp16/bf16 inputs (float64 and other dtypes use
+the PyTorch reference).
 
-Machine code (``bench/results/sm90-aot/compile_report.md``, enforced by ``tests/test_sm90_compile.py``):
-at STDiT-XL/2 shapes in bf16/fp16 every kernel is spill-free, loads q/k/v/o/dO with 128-bit accesses
-(cp.async-pipelined in the flash loops), runs its matmuls as HGMMA (wgmma) and fits 3-5 CTAs per SM.
-The same tile configurations run under the CPU interpreter in the tests.
+One-pass backward of the flash path (one kernel, ``_st_attn_bwd_kernel``; :mod:`mgkernels.gated_cross_attn` uses
+the same scheme). A program owns one key block (BLOCK_N keys) of one split of a sequence's queries
+(``SPLIT_ROWS`` = 256 queries: the whole sequence at S = 256). Pass A loops over the split's queries in blocks
+of BLOCK_M = 16 and keeps dK, dV in registers: delta = rowsum(dO * O), P^T, dV += P^T dO, dP^T, dS^T, dK += dS^T
+Q -- 4 GEMMs, q / dO / o / lse read once per key block (L2 hits after the first) -- and stores each dS^T tile
+(q's dtype) in a scratch buffer. The last of the split's key-block programs to arrive (an acq_rel counter:
+the hand-off never waits) then computes dQ = dS K over all keys (1 GEMM, wgmma M = 64) and drops the split's dS from L2
+(``discard.global.L2``). So every input is read from DRAM once and every gradient written once, 5 GEMMs instead
+of the 7 of a dK/dV + dQ pair, and no fp32 dQ accumulator, no float atomics on dQ (deterministic while a
+sequence is one split). The dS scratch is assumed to stay in L2 between its store and its read (they happen
+within one program lifetime, in programs that run side by side; ~13 MB in flight on an H100 / H200 of 50 MB L2)
+and is never written back. Sequences longer than a split (S > 256) add a reduction of the key blocks' dK / dV
+partials over the splits: fp32 atomics into an accumulator that the split first to arrive zero-fills
+(``split_open`` / ``split_close`` in :mod:`mgkernels._tiles`). Why not a dQ accumulator (FA2/3): a single pass
+that keeps dK, dV and a dQ tile in registers needs more than the 168 registers of 3 CTAs/SM at 64 x 64 tiles in
+Triton (measured with the compile report), and an fp32 dQ accumulator costs a memset, the atomics and a
+conversion pass over 2x the dQ bytes.
 
 Dispatch (:mod:`mgkernels.dispatch`): ``triton`` or ``ref`` is chosen at run time inside the custom ops
 ``mgkernels::st_attention_fwd`` and ``mgkernels::st_attention_bwd``.
@@ -46,7 +58,24 @@ import torch
 import torch.nn.functional as F
 
 from ._common import pow2, providers_for, tl, triton
-from ._tiles import div_rows, dot_heads, head_split, load_head, mm, row_dot, store_head, vec_for
+from ._tiles import (
+    MAXNREG,
+    SCRATCH_BYTES,
+    arrive,
+    discard_l2,
+    div_rows,
+    dot_heads,
+    head_split,
+    load_head,
+    mm,
+    row_dot,
+    row_lines,
+    split_close,
+    split_open,
+    split_rows,
+    store_head,
+    vec_for,
+)
 from .dispatch import choose, interpreter_enabled
 
 __all__ = ["st_attention", "st_attention_ref", "STAttentionFunction", "MODES"]
@@ -249,118 +278,105 @@ def _st_attn_fwd_kernel(
     tl.store(LSE + b * s_lb + h * s_lh + tok_m * s_ln, lse, mask=ok_m)
 
 @triton.jit
-def _st_attn_bwd_delta_kernel(
-    OUT, DO, DELTA,
+def _st_attn_bwd_kernel(
+    QKV, OUT, DO, LSE, DQKV, DS, CNT, KCNT, DKV,
+    s_qb, s_qn, s_q3, s_qh, s_qd,
     s_ob, s_on, s_oc,
     s_db, s_dn, s_dc,
     s_lb, s_lh, s_ln,
-    N, H, NT,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, VEC: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
-    # delta[b, h, n] = sum_d dO[b, n, h*D + d] * O[b, n, h*D + d]; 1-D grid, token block fastest
-    pid = tl.program_id(0).to(tl.int64)
-    pid_t = pid % NT
-    h = pid // NT % H
-    b = pid // NT // H
-    tok = pid_t * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)
-    ok = tok < N
-    o0, o1 = load_head(OUT + b * (s_ob * VEC), tok * (s_on * VEC) + (h * HEAD_DIM) * s_oc, ok, s_oc,
-                       HEAD_DIM, D0, D1)
-    do0, do1 = load_head(DO + b * (s_db * VEC), tok * (s_dn * VEC) + (h * HEAD_DIM) * s_dc, ok, s_dc,
-                         HEAD_DIM, D0, D1)
-    tl.store(DELTA + b * s_lb + h * s_lh + tok * s_ln, row_dot(o0, o1, do0, do1, D1), mask=ok)
-
-@triton.jit
-def _st_attn_bwd_dkdv_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
-    s_qb, s_qn, s_q3, s_qh, s_qd,
-    s_db, s_dn, s_dc,
-    s_lb, s_lh, s_ln,
     s_gb, s_gn, s_g3, s_gh, s_gd,
-    H, G, L, GS, IS, NGP, NN,
+    H, G, L, GS, IS, NGP, NN, NQS, SEQ0,
     sm_scale, sm_scale_log2,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr, CQ: tl.constexpr, LK: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_FP32: tl.constexpr, DISCARD: tl.constexpr,
 ):  # fmt: skip
-    # program (sequence, head, key block): dK, dV of BLOCK_N keys, looping over the query blocks
+    # program (sequence, query split, key block), the key block fastest: the one-pass backward (module docstring)
     pid = tl.program_id(0).to(tl.int64)
-    b, h, blk, tok_n, ok_n, _ = _tile_rows(pid, NN, H, NGP, G, L, GS, IS, BLOCK_N, 1, BLOCK_N)
-    g_tok = (pid // NN // H % NGP).to(tl.int64) * GS
+    kb = pid % NN
+    qs = pid // NN % NQS
+    ls = pid // NN // NQS  # sequence of this launch
+    seq = SEQ0 + ls  # (b, group, h)
+    h = seq % H
+    b = seq // H // NGP
+    g_tok = (seq // H % NGP) * GS  # first token of the sequence
+    j = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok_n = j < L
+    tok_n = g_tok + j.to(tl.int64) * IS
     q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
-    rows_n = tok_n * (s_qn * VEC)
-    k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-    v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
+    k_base = q_base + s_q3 * VEC
+    k0, k1 = load_head(k_base, tok_n * (s_qn * VEC), ok_n, s_qd, HEAD_DIM, D0, D1)
+    v0, v1 = load_head(k_base + s_q3 * VEC, tok_n * (s_qn * VEC), ok_n, s_qd, HEAD_DIM, D0, D1)
+    o_base = OUT + b * (s_ob * VEC) + (h * HEAD_DIM) * s_oc
     do_base = DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc
     l_base = LSE + b * s_lb + h * s_lh
-    d_base = DELTA + b * s_lb + h * s_lh
+    g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
+    ds_base = DS + (ls * NQS + qs) * (CQ * LK)  # dS of this split: [CQ query rows, LK key columns]
+    kv_acc = DKV + (ls * NN + kb) * (2 * BLOCK_N * (D0 + D1A))
+    if SPLIT:
+        split_open(kv_acc, KCNT + 3 * (ls * NN + kb), BLOCK_N, D0, D1A)
+    m_tok = g_tok + (qs * CQ) * IS  # the split's first query token
+    LR = L - (qs * CQ).to(tl.int32)  # queries from the split's first on (masks: keeps L's divisibility by 16)
+    LM = tl.where(qs < NQS - 1, CQ, LR)  # the split's queries
 
+    # pass A: dK, dV of the key block over the split's queries; dS^T of each query block stored (for dQ)
     dk0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dk1 = tl.zeros([BLOCK_N, D1A], tl.float32)
     dv0 = tl.zeros([BLOCK_N, D0], tl.float32)
     dv1 = tl.zeros([BLOCK_N, D1A], tl.float32)
-    for start_m in range(0, L, BLOCK_M):
+    for start_m in range(0, LM, BLOCK_M):
         i = start_m + tl.arange(0, BLOCK_M)
-        ok_m = i < L
-        tok_m = g_tok + i.to(tl.int64) * IS
+        ok_m = i < LR
+        tok_m = m_tok + i.to(tl.int64) * IS
         q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
         do0, do1 = load_head(do_base, tok_m * (s_dn * VEC), ok_m, s_dc, HEAD_DIM, D0, D1)
+        o0, o1 = load_head(o_base, tok_m * (s_on * VEC), ok_m, s_oc, HEAD_DIM, D0, D1)
+        delta = row_dot(o0, o1, do0, do1, D1)
         lse = tl.load(l_base + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(d_base + tok_m * s_ln, mask=ok_m, other=0.0)
-        pT = tl.exp2(dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * sm_scale_log2 - lse[None, :])  # [BN, BM]
-        pT = tl.where(ok_m[None, :], pT, 0.0)
+        sT = dot_heads(k0, k1, q0, q1, D1, DOT_FP32) * sm_scale_log2 - lse[None, :]  # [BN, BM], base 2
+        pT = tl.exp2(tl.where(ok_n[:, None] & ok_m[None, :], sT, float("-inf")))  # padding keys: 0 (dS enters dQ)
         dv0 = mm(pT.to(do0.dtype), do0, dv0, DOT_FP32)
         if D1 > 0:
             dv1 = mm(pT.to(do1.dtype), do1, dv1, DOT_FP32)
-        dsT = pT * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) - delta[None, :])
-        dk0 = mm(dsT.to(q0.dtype), q0, dk0, DOT_FP32)
+        dsT = (pT * (dot_heads(v0, v1, do0, do1, D1, DOT_FP32) - delta[None, :])).to(q0.dtype)
+        dk0 = mm(dsT, q0, dk0, DOT_FP32)
         if D1 > 0:
-            dk1 = mm(dsT.to(q1.dtype), q1, dk1, DOT_FP32)
+            dk1 = mm(dsT, q1, dk1, DOT_FP32)
+        tl.store(ds_base + i[None, :] * LK + j[:, None], dsT)  # padding rows / keys: 0
 
-    g_base = DQKV + b * (s_gb * VEC) + h * (s_gh * VEC)
+    write = True
+    if SPLIT:
+        dk0, dk1, dv0, dv1, write = split_close(kv_acc, KCNT + 3 * (ls * NN + kb), NQS, dk0, dk1, dv0, dv1, D1,
+                                                DISCARD)
     g_rows = tok_n * (s_gn * VEC)
-    store_head(g_base + s_g3 * VEC, g_rows, ok_n, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
-    store_head(g_base + 2 * s_g3 * VEC, g_rows, ok_n, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
+    store_head(g_base + s_g3 * VEC, g_rows, ok_n & write, s_gd, dk0 * sm_scale, dk1 * sm_scale, HEAD_DIM, D0, D1)
+    store_head(g_base + 2 * s_g3 * VEC, g_rows, ok_n & write, s_gd, dv0, dv1, HEAD_DIM, D0, D1)
 
-@triton.jit
-def _st_attn_bwd_dq_kernel(
-    QKV, DO, LSE, DELTA, DQKV,
-    s_qb, s_qn, s_q3, s_qh, s_qd,
-    s_db, s_dn, s_dc,
-    s_lb, s_lh, s_ln,
-    s_gb, s_gn, s_g3, s_gh, s_gd,
-    H, G, L, GS, IS, NGP, NM,
-    sm_scale, sm_scale_log2,
-    HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D1A: tl.constexpr, VEC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
-):  # fmt: skip
-    # program (sequence, head, query block): dQ of BLOCK_M queries, looping over the key blocks
-    pid = tl.program_id(0).to(tl.int64)
-    b, h, blk, tok_m, ok_m, _ = _tile_rows(pid, NM, H, NGP, G, L, GS, IS, BLOCK_M, 1, BLOCK_M)
-    g_tok = (pid // NM // H % NGP).to(tl.int64) * GS
-    q_base = QKV + b * (s_qb * VEC) + h * (s_qh * VEC)
-    q0, q1 = load_head(q_base, tok_m * (s_qn * VEC), ok_m, s_qd, HEAD_DIM, D0, D1)
-    do0, do1 = load_head(DO + b * (s_db * VEC) + (h * HEAD_DIM) * s_dc, tok_m * (s_dn * VEC), ok_m, s_dc,
-                         HEAD_DIM, D0, D1)
-    lse = tl.load(LSE + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + b * s_lb + h * s_lh + tok_m * s_ln, mask=ok_m, other=0.0)
+    # dQ: the last of the split's NN programs computes dQ = dS K over all keys (the others' dS: L2 reads)
+    if arrive(CNT + ls * NQS + qs, NN):
+        for start_q in range(0, LM, BLOCK_Q):
+            iq = start_q + tl.arange(0, BLOCK_Q)
+            ok_q = iq < LR
+            dq0 = tl.zeros([BLOCK_Q, D0], tl.float32)
+            dq1 = tl.zeros([BLOCK_Q, D1A], tl.float32)
+            for start_n in range(0, L, BLOCK_N):
+                jn = start_n + tl.arange(0, BLOCK_N)
+                ok_jn = jn < L
+                kn0, kn1 = load_head(k_base, (g_tok + jn.to(tl.int64) * IS) * (s_qn * VEC), ok_jn, s_qd, HEAD_DIM,
+                                     D0, D1)
+                ds = tl.load(ds_base + iq[:, None] * LK + jn[None, :], mask=ok_q[:, None], other=0.0,
+                             cache_modifier=".cg")
+                dq0 = mm(ds, kn0, dq0, DOT_FP32)
+                if D1 > 0:
+                    dq1 = mm(ds, kn1, dq1, DOT_FP32)
+            store_head(g_base, (m_tok + iq.to(tl.int64) * IS) * (s_gn * VEC), ok_q, s_gd, dq0 * sm_scale,
+                       dq1 * sm_scale, HEAD_DIM, D0, D1)
+        if DISCARD:  # the split's dS is dead: drop it from L2
+            tl.debug_barrier()
+            for start_q in range(0, LM, BLOCK_Q):
+                for start_n in range(0, L, BLOCK_N):
+                    discard_l2(row_lines(ds_base + start_q * LK + start_n, BLOCK_Q, BLOCK_N, LK))
 
-    dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
-    dq1 = tl.zeros([BLOCK_M, D1A], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
-        j = start_n + tl.arange(0, BLOCK_N)
-        ok_n = j < L
-        rows_n = (g_tok + j.to(tl.int64) * IS) * (s_qn * VEC)
-        k0, k1 = load_head(q_base + s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-        v0, v1 = load_head(q_base + 2 * s_q3 * VEC, rows_n, ok_n, s_qd, HEAD_DIM, D0, D1)
-        p = tl.exp2(dot_heads(q0, q1, k0, k1, D1, DOT_FP32) * sm_scale_log2 - lse[:, None])
-        p = tl.where(ok_n[None, :], p, 0.0)
-        ds = p * (dot_heads(do0, do1, v0, v1, D1, DOT_FP32) - delta[:, None])
-        dq0 = mm(ds.to(k0.dtype), k0, dq0, DOT_FP32)
-        if D1 > 0:
-            dq1 = mm(ds.to(k1.dtype), k1, dq1, DOT_FP32)
-
-    store_head(DQKV + b * (s_gb * VEC) + h * (s_gh * VEC), tok_m * (s_gn * VEC), ok_m, s_gd,
-               dq0 * sm_scale, dq1 * sm_scale, HEAD_DIM, D0, D1)
 
 @triton.jit
 def _st_attn_bwd_packed_kernel(
@@ -435,18 +451,16 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
 # runs). Each was checked in the sm_90 compile report (bench/compile_report.py): no spills, 128-bit loads,
 # HGMMA for fp16/bf16. fp32 runs exact IEEE products on the FMA units: smaller tiles.
 _PACK = {"tc": (64, 4), "fp32": (32, 8)}  # (rows, warps) of a packed tile; sequences up to `rows` are packed
-_FLASH = {  # (BLOCK_M, BLOCK_N, warps, stages) forward / dQ; (BLOCK_M, BLOCK_N, warps, stages) dK/dV
-    "tc": dict(fwd=(64, 64, 4, 2), dq=(64, 64, 4, 2), dkdv=(16, 64, 4, 2)),
-    "fp32": dict(fwd=(32, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2)),
+_FLASH = {  # forward: (BLOCK_M, BLOCK_N, warps, stages); backward: (BLOCK_M, BLOCK_N, BLOCK_Q, warps, stages)
+    "tc": dict(fwd=(64, 64, 4, 2), bwd=(16, 64, 64, 4, 1)),
+    "fp32": dict(fwd=(32, 32, 4, 2), bwd=(16, 32, 32, 4, 1)),
 }
-
-
 def _config(L: int, D: int, dtype: torch.dtype) -> dict:
     kind = "fp32" if dtype == torch.float32 else "tc"
     D0, D1 = head_split(D)
     lp = pow2(L)
     rows, warps = _PACK[kind]
-    cfg = dict(D0=D0, D1=D1, D1A=D1 or 16, HEAD_DIM=D, packed=lp <= rows)
+    cfg = dict(D0=D0, D1=D1, D1A=D1 or 16, HEAD_DIM=D, packed=lp <= rows, fp32=kind == "fp32")
     if cfg["packed"]:
         cfg.update(PACK=rows // lp, LP=lp, BLOCK=rows, warps=warps)
     cfg.update(_FLASH[kind])
@@ -481,7 +495,7 @@ def _st_attention_fwd_triton(qkv: torch.Tensor, T: int, S: int, mode: str) -> tu
 
 
 def _st_attention_bwd_triton(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, T: int,
-                             S: int, mode: str) -> torch.Tensor:  # fmt: skip
+                             S: int, mode: str, rows_per_split: int | None = None) -> torch.Tensor:  # fmt: skip
     B, N, _, H, D = qkv.shape
     G, L, GS, IS = _geometry(T, S, mode)
     dqkv = torch.empty(B, N, 3, H, D, device=qkv.device, dtype=qkv.dtype)
@@ -502,26 +516,31 @@ def _st_attention_bwd_triton(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tenso
         )  # fmt: skip
         return dqkv
 
-    delta = torch.empty(B, H, N, device=qkv.device, dtype=torch.float32)
-    block_t = 64
-    nt = triton.cdiv(N, block_t)
-    _st_attn_bwd_delta_kernel[(B * H * nt,)](
-        o, do, delta,
-        *os_, *ds_, *delta.stride(),
-        N, H, nt,
-        HEAD_DIM=D, D0=cfg["D0"], D1=cfg["D1"], VEC=vec, BLOCK_T=block_t, num_warps=4,
-    )  # fmt: skip
-    args = (qkv, do, lse, delta, dqkv, *qs, *ds_, *lse.stride(), *gs, H, G, L, GS, IS, G)
-    bm, bn, warps, stages = cfg["dkdv"]
+    # one-pass backward (module docstring): programs (sequence, query split, key block); dS scratch of every
+    # split of the launch's sequences, fp32 dK / dV sums when a sequence has several splits, zeroed counters
+    bm, bn, bq, warps, stages = cfg["bwd"]
     nn_ = triton.cdiv(L, bn)
-    _st_attn_bwd_dkdv_kernel[(B * G * H * nn_,)](
-        *args, nn_, scale, scale * _LOG2E, BLOCK_M=bm, BLOCK_N=bn, **heads, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    bm, bn, warps, stages = cfg["dq"]
-    nm = triton.cdiv(L, bm)
-    _st_attn_bwd_dq_kernel[(B * G * H * nm,)](
-        *args, nm, scale, scale * _LOG2E, BLOCK_M=bm, BLOCK_N=bn, **heads, num_warps=warps, num_stages=stages,
-    )  # fmt: skip
+    cq = split_rows(L, max(bm, bq), rows_per_split)
+    nqs = triton.cdiv(L, cq)
+    split = nqs > 1
+    seqs = B * G * H
+    chunk = max(1, min(seqs, SCRATCH_BYTES // (nqs * cq * nn_ * bn * qkv.element_size())))  # sequences per launch
+    ds = torch.empty(chunk * nqs * cq * nn_ * bn, device=qkv.device, dtype=qkv.dtype)
+    dkv = torch.empty(chunk * nn_ * 2 * bn * (cfg["D0"] + cfg["D1A"]) if split else 1, device=qkv.device,
+                      dtype=torch.float32)
+    discard = not interpreter_enabled() and bn * qkv.element_size() % 128 == 0  # whole 128-byte lines
+    regs = {} if cfg["fp32"] else {"maxnreg": MAXNREG}  # fp16 / bf16: <= 168 registers, 3 CTAs per SM
+    for seq0 in range(0, seqs, chunk):
+        n = min(chunk, seqs - seq0)
+        cnt = torch.zeros(n * nqs + (3 * n * nn_ if split else 0), device=qkv.device, dtype=torch.int32)
+        kcnt = cnt[n * nqs:] if split else cnt
+        _st_attn_bwd_kernel[(n * nqs * nn_,)](
+            qkv, o, do, lse, dqkv, ds, cnt, kcnt, dkv,
+            *qs, *os_, *ds_, *lse.stride(), *gs,
+            H, G, L, GS, IS, G, nn_, nqs, seq0, scale, scale * _LOG2E,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_Q=bq, CQ=cq, LK=nn_ * bn, SPLIT=split, **heads,
+            DISCARD=discard, num_warps=warps, num_stages=stages, **regs,
+        )  # fmt: skip
     return dqkv
 
 

@@ -372,3 +372,58 @@ def test_cross_attn_opcheck():
         torch.library.opcheck(torch.ops.mgkernels.cross_attn_fwd, (q, k, v, mask, True))
         o, lse = torch.ops.mgkernels.cross_attn_fwd(q, k, v, mask, True)
         torch.library.opcheck(torch.ops.mgkernels.cross_attn_bwd, (torch.randn_like(o), q, k, v, mask, o, lse))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The one-pass backward: several key blocks, query splits (dK / dV summed over them), dQ blocks, launches
+# ---------------------------------------------------------------------------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("gated", [True, False])
+def test_one_pass_backward_splits_masks_and_launches(gated, dtype, monkeypatch):
+    """N = 150 queries in splits of 64 (3 splits, dK / dV summed over them in L2), L = 130 keys (3 key blocks of
+    64 in fp16, 5 of 32 in fp32) whose middle block is fully masked in sample 0 while a later key is valid, an
+    all-False sample, 2 (b, h) pairs per launch; against float64 for both the gated and the plain op."""
+    monkeypatch.setattr(gca_mod, "SCRATCH_BYTES", 2 * 3 * 64 * 160 * 4)
+    from mgkernels import _tiles
+
+    monkeypatch.setattr(_tiles, "SPLIT_ROWS", 64)
+    case = Case(B=3, N=150, H=2, D=72, L=130, mask="holes", lam="head")
+    m = torch.ones(3, 130, dtype=torch.bool)
+    m[0, 60:128] = False  # key block 64..127 empty, key 128 valid
+    m[1] = False  # no key at all
+    m[2, 100:] = False  # keys after the last valid one are skipped
+    case.mask = m.to(KERNEL_DEVICE)
+    if gated:
+        check_case(case, dtype, "triton")
+        return
+    with use("triton"):
+        o, grads = _plain_run(case, cross_attn, dtype)
+    o64, g64 = _plain_run(case, attention_reference, torch.float64)
+    ot, gt = _plain_run(case, attention_reference, dtype)
+    assert_policy(o, ot, o64, name="o")
+    for name_, g, tg, rg in zip(("dq", "dk", "dv"), grads, gt, g64, strict=True):
+        assert_policy(g, tg, rg, name=name_)
+    assert torch.count_nonzero(grads[1][0, 60:128]) == 0 and torch.count_nonzero(grads[1][1]) == 0
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_backward_with_very_negative_scores(dtype):
+    """Every score far below 0 (lse ~ -100): the padding keys of the last key block (L = 40) must not give
+    exp(0 - lse) = inf and inf * 0 = NaN in dQ = dS K. (At such scores exp's argument carries ~|s| * eps relative
+    error, and the interpreter sums q k^T (forward) and k q^T (backward) in different orders: fp32 gets an atol
+    of 1e-4 on gradients of ~0.03 (dq, whose rows of dS cancel) to ~3.)"""
+    case = Case(B=2, N=19, H=2, D=24, L=40, mask=None, lam="head")
+    u = torch.randn(24, dtype=torch.float64)
+    u = u / u.norm()
+    case.bases["q"] = 0.05 * case.bases["q"] - 22.0 * u
+    case.bases["k"] = 0.05 * case.bases["k"] + 22.0 * u
+    with use("triton"):
+        o, grads = _plain_run(case, cross_attn, dtype)
+    o64, g64 = _plain_run(case, attention_reference, torch.float64)
+    ot, gt = _plain_run(case, attention_reference, dtype)
+    assert_policy(o, ot, o64, name="o")
+    for name_, g, tg, rg in zip(("dq", "dk", "dv"), grads, gt, g64, strict=True):
+        assert_policy(g, tg, rg, atol=max(ATOL[dtype], 1e-4), name=name_)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mgkernels import _tiles as tiles
+from mgkernels import st_attention as sta
 from mgkernels.dispatch import use
 from mgkernels.st_attention import st_attention, st_attention_ref
 from tests.kernel_utils import KERNEL_DEVICE, KERNEL_DTYPES, assert_policy, requires_cuda
@@ -198,3 +200,48 @@ def test_stdit_xl_shapes_cuda(mode, T, S, dtype):
     """STDiT-XL/2 geometry (16 heads x 72) at real sizes with the native (non-interpreted) kernels."""
     qkv = make_qkv(2, T, S, 16, 72, dtype, "sliced")
     _check_against_ref64(qkv, T, S, mode, "triton")
+
+
+class _CountLaunches:
+    """Stands in for a @triton.jit kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("rows, several_launches", [(128, False), (64, True)])
+def test_one_pass_backward_splits_and_launches(rows, several_launches, dtype, monkeypatch):
+    """The flash path's one-pass backward with the queries cut into several splits (dK / dV of every key block
+    summed over the splits), several key blocks and dQ query blocks per split (S = 160: 3 key blocks of 64 in
+    fp16, 5 of 32 in fp32; 128-row splits hold two 64-row dQ blocks), and the sequences spread over several
+    launches (a small scratch budget)."""
+    monkeypatch.setattr(tiles, "SPLIT_ROWS", rows)
+    if several_launches:
+        monkeypatch.setattr(sta, "SCRATCH_BYTES", 3 * rows * 192 * 4)  # 1-2 of the 4 sequences x heads
+    kernel = _CountLaunches(sta._st_attn_bwd_kernel)
+    monkeypatch.setattr(sta, "_st_attn_bwd_kernel", kernel)
+    B, T, S, H, D = 1, 2, 160, 2, 72
+    qkv = make_qkv(B, T, S, H, D, dtype, "sliced")
+    _check_against_ref64(qkv, T, S, "spatial", "triton")
+    cfg = sta._config(S, D, dtype)
+    assert not cfg["packed"] and -(-S // cfg["bwd"][1]) >= 3 and -(-S // rows) >= 2
+    assert (kernel.launches >= 2) == several_launches
+
+
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_backward_with_very_negative_scores(dtype):
+    """Every score of a sequence far below 0 (lse ~ -100): the padding keys of the last key block (S = 80 is not a
+    multiple of the key block) must not turn exp(0 - lse) into inf and then inf * 0 = NaN in dQ = dS K."""
+    B, T, S, H, D = 1, 2, 80, 1, 24
+    u = torch.randn(D, dtype=torch.float64)
+    u = u / u.norm()
+    base = 0.05 * torch.randn(B, T * S, 3, H, D, dtype=torch.float64)
+    base[:, :, 0] += -22.0 * u  # q . k / sqrt(D) ~ -22 * 22 / sqrt(24) ~ -99 for every pair
+    base[:, :, 1] += 22.0 * u
+    qkv = base.to(device=KERNEL_DEVICE, dtype=dtype).requires_grad_(True)
+    _check_against_ref64(qkv, T, S, "spatial", "triton")
