@@ -185,11 +185,14 @@ def _wrap(fn, name):
     return wrapped
 
 
+COMPUTE_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # --precision -> train.compute_dtype
+
+
 def build_trainer(model: str, provider: str, ac: str, batch: int, device: torch.device, tiny: bool, precision: str,
                   out_dir: str, seed: int = 0) -> tuple[Trainer, list[dict[str, Any]]]:
     """The trainer ``modelgrow train`` would build for this configuration, and a pool of host batches."""
     args = MODELS[model] + (TINY if tiny else []) + [
-        "--train.batch_size", str(batch), "--train.mixed_precision", precision, "--train.output_dir", out_dir,
+        "--train.batch_size", str(batch), "--train.compute_dtype", COMPUTE_DTYPES[precision], "--train.output_dir", out_dir,
         "--checkpoint.resume", "false", "--parallel.activation_checkpointing", ac,
         "--parallel.compile", "true" if provider == "compile" else "false"]
     cfg = load_config(None, args)

@@ -5,11 +5,11 @@
     modelgrow train --config X.toml [--section.key v ...]              # or: torchrun --nproc_per_node N -m modelgrow train ...
     modelgrow export --ckpt IN --out DIR [--weights ema|raw] [--config X.toml] [--section.key v ...]
     modelgrow grow --ckpt IN --out OUT --strategy insert --ratio 1 [--llm 4096] [--section.key v ...]
-    modelgrow pipeline --transformer DIR --vae DIR --t5 DIR [--llm DIR] [--recaptioner DIR] --out DIR
+    modelgrow pipeline --transformer DIR --vae DIR --t5 DIR [--llm DIR] [--recaptioner DIR] --out DIR [--sample.key v ...]
     modelgrow sample --model PIPELINE_DIR --prompt "..." --out DIR [--sample.key v ...] [--no-accel]
-    modelgrow cache --manifest M --out DIR --vae DIR --t5 DIR [--llm DIR] [...]
-    modelgrow recaption --model DIR (--prompts-file F | --csv IN) --out OUT [--mode SL]
-    modelgrow recaption --videos MANIFEST.csv --vlm DIR --out OUT.csv   # caption the videos with a local VLM
+    modelgrow cache [--config X.toml] --manifest M --out DIR [--data.key v ...]   # data.vae, data.t5 [, data.llm]
+    modelgrow recaption --model DIR (--prompts-file F | --csv IN) --out OUT [--recaption.key v ...]
+    modelgrow recaption --videos MANIFEST.csv --vlm DIR --out OUT.csv [--recaption.key v ...]  # with a local VLM
     modelgrow evaluate --videos DIR --out DIR [--dino DIR] [--clip DIR]  # VBench-style dimensions
     modelgrow demo [--out runs/demo] [--quick] [--fresh]   # the whole method end to end on synthetic videos
 """
@@ -21,7 +21,6 @@ import json
 import platform
 import sys
 from pathlib import Path
-
 
 TRAIN_HELP = """\
 Train or continue pre-training; options are config keys: --config FILE.toml, then --section.key VALUE overrides
@@ -263,7 +262,8 @@ def cmd_sample(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Assemble a diffusers pipeline directory from component directories."""
+    """Assemble a diffusers pipeline directory from component directories, with [sample] as its defaults."""
+    from .config import PIPELINE_NAMES
     from .models import from_pretrained
     from .pipeline import ModelGrowPipeline
     from .text import LLMEncoder, Recaptioner, T5Encoder
@@ -274,6 +274,7 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
         if path is not None and not Path(path).is_dir():
             raise FileNotFoundError(f"--{flag} {path}: no such directory")
     _check_writable(Path(args.out).parent if Path(args.out).parent != Path("") else Path("."), "--out")
+    cfg = _load_cfg(args, overrides)
     model = from_pretrained(args.transformer)
     vae = VideoVAE.from_pretrained(args.vae, micro_batch_size=args.vae_micro_batch_size)
     t5 = T5Encoder(str(args.t5), max_length=args.t5_max_length or model.config["model_max_length"], device="cpu")
@@ -281,11 +282,12 @@ def cmd_pipeline(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.llm is not None:
         llm = LLMEncoder(str(args.llm), max_length=args.llm_max_length or model.config.get("llm_max_length", 120), device="cpu")
     recap = Recaptioner(str(args.recaptioner), device="cpu") if args.recaptioner is not None else None
-    config = {"sampler": args.sampler, "num_inference_steps": args.steps}
+    sc = cfg.sample  # the pipeline's saved sampling defaults: [sample] (the one table of defaults, config.py)
+    config = {"sampler": sc.sampler, **{name: getattr(sc, key) for key, name in PIPELINE_NAMES.items()}}
     pipe = ModelGrowPipeline(model, vae, t5, llm, recap, config=config)
     out = pipe.save_pretrained(args.out)
     print(f"wrote {out} (components: {', '.join(k for k, v in pipe.components.items() if v is not None)}; "
-          f"sampler {args.sampler}, {args.steps} steps)")
+          f"sampler {sc.sampler}, {sc.num_sampling_steps} steps)")
     return 0
 
 
@@ -378,15 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample prompts the T5 cleaning reduces to nothing (e.g. non-Latin text) unconditionally")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("pipeline", help="assemble a pipeline directory (diffusers layout) from component directories")
+    p = sub.add_parser("pipeline", help="assemble a pipeline directory (diffusers layout) from component directories; "
+                       "its sampling defaults are the [sample] config keys (--config F, --sample.key VALUE)")
+    _add_config_args(p)
     p.add_argument("--transformer", type=Path, required=True, help="pretrained STDiT dir (modelgrow export / grow / train export)")
     p.add_argument("--vae", type=Path, required=True, help="diffusers AutoencoderKL dir")
     p.add_argument("--t5", type=Path, required=True, help="T5 encoder dir (model + tokenizer)")
     p.add_argument("--llm", type=Path, default=None, help="causal-LM dir for the LLM condition (a grown model with --llm)")
     p.add_argument("--recaptioner", type=Path, default=None, help="instruct-LM dir for --recaption")
     p.add_argument("--out", type=Path, required=True, help="output pipeline directory")
-    p.add_argument("--sampler", default="iddpm", choices=["iddpm", "ddim", "dpm-solver", "euler"], help="default scheduler")
-    p.add_argument("--steps", type=int, default=100, help="default number of inference steps")
+    p.add_argument("--sampler", dest="_sampler", default=None, choices=["iddpm", "ddim", "dpm-solver", "euler"],
+                   help="shorthand for --sample.sampler (the default scheduler)")
+    p.add_argument("--steps", dest="_steps", default=None, metavar="N",
+                   help="shorthand for --sample.num_sampling_steps (the default number of inference steps)")
     p.add_argument("--t5-max-length", type=int, default=None, help="T5 tokens (default: the transformer's model_max_length)")
     p.add_argument("--llm-max-length", type=int, default=None, help="LLM tokens (default: the transformer's llm_max_length)")
     p.add_argument("--vae-micro-batch-size", type=int, default=4, help="frames per VAE call")
@@ -404,6 +410,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHORTHANDS = {"_strategy": "grow.strategy", "_ratio": "grow.ratio", "_num_new": "grow.num_new",
+              "_sampler": "sample.sampler", "_steps": "sample.num_sampling_steps"}
+
+
+def shorthand_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--section.key value`` overrides that shorthand flags (grow's --strategy, pipeline's --steps, ...) stand for."""
+    out = []
+    for dest, key in SHORTHANDS.items():
+        if getattr(args, dest, None) is not None:
+            out += [f"--{key}", str(getattr(args, dest))]
+    if getattr(args, "_llm", None) is not None:
+        out += ["--grow.llm", "true", "--grow.llm_channels", str(args._llm)]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
@@ -413,13 +434,13 @@ def main(argv: list[str] | None = None) -> int:
 
         return demo_main(argv[1:])
     if argv[:1] in (["recaption"], ["cache"], ["evaluate"]):  # commands with their own argument parsers
-        if argv[0] == "recaption":
+        if argv[0] == "recaption":  # typed config: --config F, --recaption.key VALUE
             from .text.recaption import main as command
         elif argv[0] == "evaluate":
             from .evaluate.run import main as command
-        else:
-            from .data.cache import main as command
-        from .data.loader import TooManyDecodeFailures
+        else:  # typed config: --config F, --data.key VALUE, --cache.key VALUE
+            from .data.cache.build import main as command
+        from .data.base import TooManyDecodeFailures
 
         try:
             return command(argv[1:])
@@ -428,12 +449,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    for short, key in (("_strategy", "strategy"), ("_ratio", "ratio"), ("_num_new", "num_new")):
-        if getattr(args, short, None) is not None:
-            rest += [f"--grow.{key}", str(getattr(args, short))]
-    if getattr(args, "_llm", None) is not None:
-        rest += ["--grow.llm", "true", "--grow.llm_channels", str(args._llm)]
-    if rest and args.command not in ("config", "export", "grow", "sample", "train"):
+    rest += shorthand_overrides(args)
+    if rest and args.command not in ("config", "export", "grow", "pipeline", "sample", "train"):
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     try:
         return args.func(args, rest)

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 
-
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema."""
 
@@ -68,17 +67,15 @@ class ModelConfig:
     drop_path: float = _f(0.0, "stochastic depth rate of the last block (linear from 0)")
     space_scale: float = _f(0.5, "spatial position-embedding scale (Open-Sora v1.0: 0.5 at 256px, 1.0 at 512px)")
     time_scale: float = _f(1.0, "temporal position-embedding scale")
-    dtype: str = _f("float32", "compute dtype the forward casts its inputs to: float32 | bfloat16 | float16 | float64")
     from_pretrained: str | None = _f(None, "checkpoint to load: Open-Sora/PixArt .pth, .safetensors or a pretrained dir")
 
     def __post_init__(self) -> None:
         _check_finite(self, "model")
-        from .models.zoo import PRESETS
+        from .models.presets import PRESETS
 
         _check(self.preset in PRESETS, "model.preset", f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
         _check(self.input_size is None or all(v > 0 for v in self.input_size), "model.input_size",
                f"must be positive, got {self.input_size}")
-        _check(self.dtype in ("float32", "bfloat16", "float16", "float64"), "model.dtype", f"unknown dtype {self.dtype!r}")
         _check(0.0 <= self.class_dropout_prob < 1.0, "model.class_dropout_prob", "must be in [0, 1)")
         _check(0.0 <= self.drop_path < 1.0, "model.drop_path", "must be in [0, 1)")
         for name in ("mlp_ratio", "space_scale", "time_scale"):
@@ -90,8 +87,9 @@ class ModelConfig:
                f"must be positive, got {self.patch_size}")
 
     def stdit_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :class:`modelgrow.models.STDiT` (preset + explicit fields)."""
-        from .models.zoo import PRESETS
+        """Keyword arguments for :class:`modelgrow.models.STDiT` (preset + explicit fields). The model's dtypes
+        are not architecture: training sets them from ``train.param_dtype`` / ``train.compute_dtype``."""
+        from .models.presets import PRESETS
 
         kw = dict(PRESETS[self.preset])
         for name in ("depth", "hidden_size", "num_heads", "patch_size"):
@@ -109,7 +107,6 @@ class ModelConfig:
             drop_path=self.drop_path,
             space_scale=self.space_scale,
             time_scale=self.time_scale,
-            dtype=self.dtype,
         )
         return kw
 
@@ -134,26 +131,43 @@ class GrowConfig:
         _check(self.llm_channels > 0 and self.llm_max_length > 0, "grow", "llm_channels and llm_max_length must be > 0")
 
 
+# [data] settings left unset (None) take these values when raw videos are read (training from data.manifest,
+# `modelgrow cache`); training from a cache (data.cache_dir) takes the cache's instead (CACHE_FIXED below).
+DATA_DEFAULTS: dict[str, Any] = {"num_frames": 16, "frame_interval": 3, "image_size": (256, 256), "prompt_mode": "SL",
+                                 "decoder": "auto", "llm_layer": -1, "llm_use_template": True}
+RAW_VIDEO_WORKERS = 4  # data.num_workers unset: decode workers per rank for raw-video training (0 for caches)
+_FROM_CACHE = "unset: the cache's with data.cache_dir, else {}"
+
+
 @dataclass
 class DataConfig:
-    manifest: str | None = _f(None, "CSV or Parquet with path, caption [, long_caption, num_frames, fps, height, width]")
-    cache_dir: str | None = _f(None, "pre-encoded latent/text cache (modelgrow cache); used instead of raw videos when set")
-    num_frames: int = _f(16, "frames per clip")
-    frame_interval: int = _f(3, "stride between sampled frames")
-    image_size: tuple[int, int] = _f((256, 256), "training (height, width)")
-    hflip: bool = _f(False, "random horizontal flip")
-    decoder: Literal["auto", "dali", "dali-cpu", "pyav"] = _f("auto", "video decoder")
-    num_workers: int = _f(4, "decode workers per rank")
-    prompt_mode: Literal["S", "L", "SL"] = _f("SL", "S = short caption, L = long caption, SL = short + long")
-    max_fail_fraction: float = _f(0.01, "stop when more than this fraction of videos fails to decode")
+    manifest: str | None = _f(None, "CSV or Parquet with path, caption [, long_caption, num_frames, fps, height, width]; "
+                                    "with data.cache_dir it must be the manifest the cache was built from (or unset)")
+    cache_dir: str | None = _f(None, "pre-encoded latent/text cache (modelgrow cache); used instead of raw videos when "
+                                     "set (its settings fix num_frames, frame_interval, image_size, prompt_mode, "
+                                     "decoder, llm_layer, llm_use_template: leave them unset or equal to the cache's)")
+    num_frames: int | None = _f(None, "frames per clip (" + _FROM_CACHE.format(16) + ")")
+    frame_interval: int | None = _f(None, "stride between sampled frames (" + _FROM_CACHE.format(3) + ")")
+    image_size: tuple[int, int] | None = _f(None, "training (height, width) (" + _FROM_CACHE.format("256, 256") + ")")
+    hflip: bool = _f(False, "random horizontal flip (raw videos only: a cache holds unflipped clips)")
+    decoder: Literal["auto", "dali", "dali-cpu", "pyav"] | None = _f(
+        None, "video decoder (" + _FROM_CACHE.format("auto") + ")")
+    num_workers: int | None = _f(None, f"decode / read workers per rank (unset: {RAW_VIDEO_WORKERS} for raw videos, 0 "
+                                       "for modelgrow cache and for reading a cache)")
+    prompt_mode: Literal["S", "L", "SL"] | None = _f(
+        None, "S = short caption, L = long caption, SL = short + long (" + _FROM_CACHE.format("SL") + ")")
+    max_fail_fraction: float = _f(0.01, "stop when more than this fraction of videos fails to decode (or of cache "
+                                        "samples fails to read)")
     image_batch_prob: float | None = _f(None, "joint image + video training: the probability that a batch is an image "
                                         "batch (images are single-frame samples, T = 1, batched apart from videos "
                                         "by shape); None = off, images become repeated-frame clips")
     vae: str | None = _f(None, "local diffusers AutoencoderKL dir (sd-vae-ft-ema layout) for raw-video training and caching")
     t5: str | None = _f(None, "local T5 encoder dir (T5EncoderModel + tokenizer)")
     llm: str | None = _f(None, "local causal-LM dir for the LLM condition")
-    llm_layer: int = _f(-1, "which hidden state of the LLM conditions the model (-1 = last layer)")
-    llm_use_template: bool = _f(True, "wrap prompts in the LLM's chat template (False: the paper's 'w/o template' ablation)")
+    llm_layer: int | None = _f(None, "which hidden state of the LLM conditions the model (" + _FROM_CACHE.format(
+        "-1 = last layer") + ")")
+    llm_use_template: bool | None = _f(None, "wrap prompts in the LLM's chat template (false: the paper's 'w/o "
+                                              "template' ablation) (" + _FROM_CACHE.format("true") + ")")
     val_cache_dir: str | None = _f(None, "held-out latent/text cache (modelgrow cache) for the validation of train.val_every; "
                                    "used instead of data.val_manifest when set")
     val_manifest: str | None = _f(None, "held-out CSV/Parquet manifest for the validation (raw videos, encoded once by "
@@ -161,14 +175,29 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_finite(self, "data")
-        _check(self.num_frames > 0 and self.frame_interval > 0, "data.num_frames", "num_frames and frame_interval must be > 0")
-        _check(all(v > 0 for v in self.image_size), "data.image_size", f"must be positive, got {self.image_size}")
-        _check(self.decoder in ("auto", "dali", "dali-cpu", "pyav"), "data.decoder", f"unknown decoder {self.decoder!r}")
-        _check(self.prompt_mode in ("S", "L", "SL"), "data.prompt_mode", f"must be S, L or SL, got {self.prompt_mode!r}")
-        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        for name in ("num_frames", "frame_interval"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"data.{name}", f"must be > 0, got {v}")
+        _check(self.image_size is None or all(v > 0 for v in self.image_size), "data.image_size",
+               f"must be positive, got {self.image_size}")
+        _check(self.decoder in (None, "auto", "dali", "dali-cpu", "pyav"), "data.decoder", f"unknown decoder {self.decoder!r}")
+        _check(self.prompt_mode in (None, "S", "L", "SL"), "data.prompt_mode", f"must be S, L or SL, got {self.prompt_mode!r}")
+        _check(self.num_workers is None or self.num_workers >= 0, "data.num_workers", "must be >= 0")
         _check(0.0 <= self.max_fail_fraction <= 1.0, "data.max_fail_fraction", "must be in [0, 1]")
         _check(self.image_batch_prob is None or 0.0 <= self.image_batch_prob <= 1.0, "data.image_batch_prob",
                f"must be in [0, 1] (or none = off), got {self.image_batch_prob}")
+
+    def resolved(self, fixed: dict[str, Any] | None = None) -> DataConfig:
+        """A copy with every unset setting of :data:`DATA_DEFAULTS` filled: from ``fixed`` (what a cache was
+        built with, ``CachedDataset.fixed_settings()``) where it has the key, else the raw-video default. Set
+        settings are kept (training from a cache checks them against the cache). ``num_workers`` stays as set:
+        its default depends on the reader."""
+        fixed = fixed or {}
+        fill = {k: (fixed[k] if fixed.get(k) is not None else v) for k, v in DATA_DEFAULTS.items()
+                if getattr(self, k) is None}
+        if "image_size" in fill:
+            fill["image_size"] = tuple(fill["image_size"])
+        return dataclasses.replace(self, **fill)
 
 
 @dataclass
@@ -215,7 +244,14 @@ class TrainConfig:
         "spends more steps on the mid-noise levels where a clip's layout and motion are decided")
     timestep_mean: float = _f(0.0, "logit-normal timestep sampling: mean of the logit (> 0: noisier timesteps)")
     timestep_std: float = _f(1.0, "logit-normal timestep sampling: standard deviation of the logit")
-    mixed_precision: Literal["bf16", "fp16", "fp32"] = _f("bf16", "compute precision")
+    param_dtype: Literal["float32", "bfloat16"] = _f(
+        "float32", "dtype the trained weights, their gradients and the optimizer state are kept in (the EMA is fp32 "
+        "either way): float32 (master weights, the default) or bfloat16 (pure-bf16 training: half the memory; needs "
+        "compute_dtype = bfloat16). Replaces model.dtype")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "bfloat16", "dtype of the forward and backward math: torch.autocast in one process, FSDP2's "
+        "MixedPrecisionPolicy(param_dtype) when sharded (with the model's inputs cast to it); float16 needs CUDA. "
+        "Replaces train.mixed_precision and parallel.param_dtype")
     t5_drop: float = _f(0.1, "P(T5 caption -> null), Open-Sora's rate")
     llm_drop: float = _f(0.01, "P(LLM condition alone -> null), the paper's rate")
     both_drop: float = _f(0.001, "P(both conditions -> null), the paper's rate")
@@ -242,7 +278,12 @@ class TrainConfig:
         _check(self.mode in ("vanilla", "lora", "expand"), "train.mode", f"unknown mode {self.mode!r}")
         _check(self.steps > 0 and self.batch_size > 0 and self.grad_accum > 0, "train", "steps, batch_size and grad_accum must be > 0")
         _check(0.0 < self.ema_decay <= 1.0, "train.ema_decay", "must be in (0, 1]")
-        _check(self.mixed_precision in ("bf16", "fp16", "fp32"), "train.mixed_precision", f"unknown {self.mixed_precision!r}")
+        _check(self.param_dtype in ("float32", "bfloat16"), "train.param_dtype", f"unknown {self.param_dtype!r}")
+        _check(self.compute_dtype in ("float32", "bfloat16", "float16"), "train.compute_dtype",
+               f"unknown {self.compute_dtype!r}")
+        _check(self.param_dtype == "float32" or self.compute_dtype == self.param_dtype, "train.compute_dtype",
+               f"must be {self.param_dtype} with train.param_dtype = {self.param_dtype} (the math cannot run wider "
+               f"than the weights it reads), got {self.compute_dtype}")
         for name in ("t5_drop", "llm_drop", "both_drop"):
             _check(0.0 <= getattr(self, name) < 1.0, f"train.{name}", "must be in [0, 1)")
         _check(self.lora_rank > 0 and self.log_every > 0, "train", "lora_rank and log_every must be > 0")
@@ -266,15 +307,14 @@ class ParallelConfig:
     compile: bool = _f(False, "torch.compile each block")
     fsdp: bool = _f(True, "FSDP2 fully_shard per block and root when world size > 1")
     reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (ZeRO-3) or keep them (ZeRO-2)")
-    param_dtype: Literal["bfloat16", "float32"] = _f("bfloat16", "FSDP2 MixedPrecisionPolicy param dtype")
-    reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 MixedPrecisionPolicy gradient-reduce dtype")
+    reduce_dtype: Literal["float32", "bfloat16"] = _f("float32", "FSDP2 MixedPrecisionPolicy gradient-reduce dtype "
+                                                                 "(the compute dtype is train.compute_dtype)")
 
     def __post_init__(self) -> None:
         _check_finite(self, "parallel")
         ac = self.activation_checkpointing
         ok = ac in ("none", "full") or (ac.startswith("every-") and ac[6:].isdigit() and int(ac[6:]) > 0)
         _check(ok, "parallel.activation_checkpointing", f"must be none, full or every-N (N > 0), got {ac!r}")
-        _check(self.param_dtype in ("bfloat16", "float32"), "parallel.param_dtype", f"unknown {self.param_dtype!r}")
         _check(self.reduce_dtype in ("float32", "bfloat16"), "parallel.reduce_dtype", f"unknown {self.reduce_dtype!r}")
 
 
@@ -293,26 +333,80 @@ class CheckpointConfig:
         _check(self.every_steps > 0 and self.keep_last > 0, "checkpoint", "every_steps and keep_last must be > 0")
 
 
+# The one table of sampling defaults: [sample] (modelgrow sample, the training's validation samples), the defaults
+# a pipeline directory is saved with (modelgrow pipeline, ModelGrowPipeline: PIPELINE_NAMES gives their names there).
+SAMPLING_DEFAULTS: dict[str, Any] = {"sampler": "iddpm", "num_sampling_steps": 100, "cfg_scale_t5": 7.0,
+                                     "cfg_scale_llm": 12.5, "prompt_mode": "SL", "fps": 8}
+# [sample] key -> the name of the same setting among a pipeline's saved defaults / call arguments
+PIPELINE_NAMES: dict[str, str] = {"num_sampling_steps": "num_inference_steps", "cfg_scale_t5": "guidance_scale",
+                                  "cfg_scale_llm": "llm_guidance_scale", "prompt_mode": "prompt_mode", "fps": "fps"}
+
+
 @dataclass
 class SampleConfig:
-    sampler: Literal["iddpm", "ddim", "dpm-solver"] = _f("iddpm", "sampler")
-    num_sampling_steps: int = _f(100, "denoising steps")
-    cfg_scale_t5: float = _f(7.0, "guidance scale of the T5 condition")
-    cfg_scale_llm: float = _f(12.5, "guidance scale of the LLM condition")
-    prompt_mode: Literal["S", "L", "SL"] = _f("SL", "which prompt the model sees")
-    num_frames: int = _f(16, "frames to generate")
-    height: int = _f(256, "pixels")
-    width: int = _f(256, "pixels")
-    fps: int = _f(8, "frame rate of the written video")
+    sampler: Literal["iddpm", "ddim", "dpm-solver", "euler"] = _f(SAMPLING_DEFAULTS["sampler"], "sampler")
+    num_sampling_steps: int = _f(SAMPLING_DEFAULTS["num_sampling_steps"], "denoising steps")
+    cfg_scale_t5: float = _f(SAMPLING_DEFAULTS["cfg_scale_t5"], "guidance scale of the T5 condition")
+    cfg_scale_llm: float = _f(SAMPLING_DEFAULTS["cfg_scale_llm"], "guidance scale of the LLM condition")
+    prompt_mode: Literal["S", "L", "SL"] = _f(SAMPLING_DEFAULTS["prompt_mode"], "which prompt the model sees")
+    num_frames: int | None = _f(None, "frames to generate (default: what the transformer was built for)")
+    height: int | None = _f(None, "pixels (default: what the transformer was built for)")
+    width: int | None = _f(None, "pixels (default: what the transformer was built for)")
+    fps: int = _f(SAMPLING_DEFAULTS["fps"], "frame rate of the written video")
     seed: int = _f(0, "sampling seed (recorded beside every video)")
     batch_size: int = _f(1, "prompts per forward")
 
     def __post_init__(self) -> None:
         _check_finite(self, "sample")
-        _check(self.sampler in ("iddpm", "ddim", "dpm-solver"), "sample.sampler", f"unknown sampler {self.sampler!r}")
+        _check(self.sampler in ("iddpm", "ddim", "dpm-solver", "euler"), "sample.sampler", f"unknown sampler {self.sampler!r}")
         _check(self.num_sampling_steps > 0 and self.batch_size > 0, "sample", "num_sampling_steps and batch_size must be > 0")
         _check(self.prompt_mode in ("S", "L", "SL"), "sample.prompt_mode", f"must be S, L or SL, got {self.prompt_mode!r}")
-        _check(min(self.num_frames, self.height, self.width, self.fps) > 0, "sample", "num_frames, height, width, fps must be > 0")
+        sizes = [v for v in (self.num_frames, self.height, self.width) if v is not None]
+        _check(min([*sizes, self.fps]) > 0, "sample", "num_frames, height, width, fps must be > 0")
+
+
+@dataclass
+class CacheConfig:
+    batch_size: int = _f(8, "modelgrow cache: clips per VAE / text-encoder call")
+    shard_size: int = _f(256, "modelgrow cache: manifest rows per safetensors shard")
+    latent_dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "modelgrow cache: storage dtype of the latents")
+    text_dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "modelgrow cache: storage dtype of the text "
+                                                                         "states")
+    single_frame_images: bool = _f(False, "modelgrow cache: store image rows as one-frame latents (joint image + video "
+                                          "training; implied by data.image_batch_prob)")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size > 0 and self.shard_size > 0, "cache", "batch_size and shard_size must be > 0")
+
+
+@dataclass
+class RecaptionConfig:
+    model: str | None = _f(None, "modelgrow recaption: local instruct-LLM dir (rewrite short prompts)")
+    vlm: str | None = _f(None, "modelgrow recaption --videos: local vision-language model dir (caption the videos)")
+    batch_size: int | None = _f(None, "prompts / videos per generate call (default: 8 prompts, 4 videos)")
+    min_words: int = _f(35, "fewest words of a long caption (shorter ones are retried, then flagged too_short)")
+    max_words: int | None = _f(None, "most words of a long caption (default: 128 for prompts, the paper's; 200 for videos)")
+    max_new_tokens: int | None = _f(None, "generated tokens per caption (default: 256 for prompts, 320 for videos)")
+    retries: int = _f(2, "sampled regenerations of too-short outputs")
+    sample: bool = _f(False, "prompts: sample the first pass too (default greedy)")
+    temperature: float = _f(0.7, "prompts: sampling temperature")
+    top_p: float = _f(0.9, "prompts: nucleus sampling mass")
+    seed: int = _f(0, "generation seed")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = _f(None, "model dtype (default: bf16 on CUDA, fp32 on CPU)")
+    prompt_mode: Literal["S", "L", "SL"] = _f("SL", "prompts file: what is written per prompt, S, L or SL = short + long")
+    caption_col: str = _f("caption", "--csv: the column with the short caption")
+    out_col: str = _f("long_caption", "--csv / --videos: the column added (with <out_col>_status)")
+    num_frames: int = _f(8, "--videos: evenly spaced frames per video")
+    frames_as: Literal["auto", "images", "video"] = _f("auto", "--videos: how frames reach the VLM")
+    instruction: str | None = _f(None, "instruction (default: the paper's, for prompts / for videos)")
+
+    def __post_init__(self) -> None:
+        _check_finite(self, "recaption")
+        for name in ("batch_size", "max_words", "max_new_tokens"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"recaption.{name}", f"must be > 0, got {v}")
+        _check(self.min_words > 0 and self.num_frames > 0, "recaption", "min_words and num_frames must be > 0")
+        _check(self.retries >= 0, "recaption.retries", f"must be >= 0, got {self.retries}")
 
 
 @dataclass
@@ -325,9 +419,22 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    recaption: RecaptionConfig = field(default_factory=RecaptionConfig)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+# Keys that were replaced (still read, with a FutureWarning naming the new key): dotted key -> (type, new key, value map).
+# The three dtype keys of before (model.dtype, train.mixed_precision, parallel.param_dtype) became the pair
+# train.param_dtype / train.compute_dtype; of the old keys set together, train.mixed_precision wins.
+LEGACY_KEYS: dict[str, tuple[Any, str, dict[str, str]]] = {
+    "train.mixed_precision": (Literal["bf16", "fp16", "fp32"], "train.compute_dtype",
+                              {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}),
+    "parallel.param_dtype": (Literal["bfloat16", "float32"], "train.compute_dtype", {}),
+    "model.dtype": (Literal["float32", "bfloat16", "float16", "float64"], "train.compute_dtype", {}),
+}
+_LEGACY_ORDER = ("train.mixed_precision", "parallel.param_dtype", "model.dtype")  # precedence
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -363,7 +470,7 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         args = get_args(tp)
         _check(isinstance(value, (list, tuple)), key, f"expected a list of {len(args)} values, got {value!r}")
         _check(len(value) == len(args), key, f"expected {len(args)} values, got {len(value)}")
-        return tuple(_coerce(key, a, v) for a, v in zip(args, value))
+        return tuple(_coerce(key, a, v) for a, v in zip(args, value, strict=True))
     if tp is bool:
         _check(isinstance(value, bool), key, f"expected true or false, got {value!r}")
         return value
@@ -390,7 +497,7 @@ def _parse_cli_value(key: str, tp: Any, text: str) -> Any:
         parts = [p.strip() for p in text.strip().strip("[]()").split(",") if p.strip()]
         args = get_args(inner)
         _check(len(parts) == len(args), key, f"expected {len(args)} comma-separated values, got {text!r}")
-        return tuple(_parse_cli_value(key, a, p) for a, p in zip(args, parts))
+        return tuple(_parse_cli_value(key, a, p) for a, p in zip(args, parts, strict=True))
     if inner is bool:
         low = text.strip().lower()
         if low in ("true", "1", "yes", "on"):
@@ -426,9 +533,56 @@ def _all_keys() -> list[str]:
 # --------------------------------------------------------------------------------------------------------
 
 
+def _upgrade_legacy(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the replaced keys of :data:`LEGACY_KEYS` turned into their new keys (a FutureWarning each)."""
+    import warnings
+
+    def given(dotted: str) -> bool:
+        section, key = dotted.split(".")
+        return isinstance(data.get(section), dict) and key in data[section]
+
+    if not any(given(k) for k in _LEGACY_ORDER):
+        return data
+    data = {sec: dict(v) if isinstance(v, dict) else v for sec, v in data.items()}
+    given_new = {new: data[new.split(".")[0]][new.split(".")[1]] for _, new, _ in LEGACY_KEYS.values() if given(new)}
+    chosen: dict[str, tuple[str, Any]] = {}  # new key -> (the old key that set it, value)
+    for dotted in [k for k in _LEGACY_ORDER if given(k)]:
+        section, key = dotted.split(".")
+        tp, new_key, mapping = LEGACY_KEYS[dotted]
+        value = _coerce(dotted, tp, data[section].pop(key))
+        if not data[section]:
+            del data[section]
+        new_value = mapping.get(value, value)
+        new_section, new_name = new_key.split(".")
+
+        def warn(note: str, dotted=dotted, value=value, new_key=new_key) -> None:
+            warnings.warn(f"{dotted} = {value!r} is deprecated{note}; set {new_key} instead", FutureWarning, stacklevel=5)
+
+        if dotted == "model.dtype" and value == "float32":  # the old default input cast: no effect under autocast
+            warn(" and ignored (the model computes in train.compute_dtype, its weights are in train.param_dtype)")
+            continue
+        if dotted == "model.dtype" and value == "float64":
+            raise ConfigError("model.dtype = 'float64' is no longer a setting: the model computes in train.compute_dtype "
+                              "(float32, bfloat16 or float16) with weights in train.param_dtype; remove model.dtype")
+        explicit = given_new.get(new_key)  # the new key, set beside the old one
+        if explicit is not None and explicit != new_value:
+            raise ConfigError(f"{dotted} = {value!r} (deprecated: it means {new_key} = {new_value!r}) conflicts with "
+                              f"{new_key} = {explicit!r}; remove {dotted}")
+        if new_key in chosen and chosen[new_key][1] != new_value:
+            warn(f" and ignored: {chosen[new_key][0]} sets {new_key} = {chosen[new_key][1]!r}")
+            continue
+        warn(f": it means {new_key} = {new_value!r}")
+        if explicit is None:
+            data.setdefault(new_section, {})[new_name] = new_value
+        chosen.setdefault(new_key, (dotted, new_value))
+    return data
+
+
 def config_from_dict(data: dict[str, Any], base: Config | None = None) -> Config:
-    """Build a Config from nested ``{section: {key: value}}`` (TOML-typed values) on top of ``base``."""
+    """Build a Config from nested ``{section: {key: value}}`` (TOML-typed values) on top of ``base``; replaced
+    keys (:data:`LEGACY_KEYS`) are read as their new keys with a FutureWarning."""
     base = base or Config()
+    data = _upgrade_legacy(data)
     raw = {name: dataclasses.asdict(getattr(base, name)) for name in SECTIONS}
     for section, values in data.items():
         if section not in SECTIONS:
@@ -476,6 +630,9 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
             dotted, text = arg[2:], nxt
             i += 2
         section, _, key = dotted.partition(".")
+        if dotted in LEGACY_KEYS:  # read as given; config_from_dict turns it into the new key
+            out.setdefault(section, {})[key] = _parse_cli_value(dotted, LEGACY_KEYS[dotted][0], text)
+            continue
         if section not in SECTIONS:
             raise _unknown(dotted, _all_keys())
         hints = _hints(SECTIONS[section])
@@ -523,11 +680,12 @@ def dumps_config(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as TOML (atomically); ``load_config(path)`` gives ``cfg`` back."""
+    from .fileio import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("# resolved modelgrow config\n" + dumps_config(cfg))
-    tmp.replace(path)
+    text = "# resolved modelgrow config\n" + dumps_config(cfg)
+    with atomic_output(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -541,3 +699,42 @@ def describe_keys() -> str:
             tp = str(hints[f.name]).replace("typing.", "")
             lines.append(f"{sname}.{f.name:<24} {tp:<40} default={default!r:<14} {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+def translate_legacy_flags(argv: list[str], table: dict[str, Any], prog: str,
+                           transforms: dict[str, Any] | None = None, dropped: dict[str, str] | None = None) -> list[str]:
+    """A command's flags of before the typed config -> ``--section.key value`` overrides, with a FutureWarning
+    naming the new key. ``table``: flag -> dotted key (the flag takes a value), ``(dotted key, value)`` (a flag
+    without a value) or None (a flag whose setting no longer exists: dropped with its value, ``dropped`` says
+    why). ``transforms``: flag -> function applied to its value."""
+    import warnings
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, inline = arg.partition("=")
+        if flag not in table:
+            out.append(arg)
+            i += 1
+            continue
+        target = table[flag]
+        if isinstance(target, tuple):
+            key, value = target
+            i += 1
+        else:
+            if eq:
+                value, i = inline, i + 1
+            elif i + 1 < len(argv):
+                value, i = argv[i + 1], i + 2
+            else:
+                raise ConfigError(f"{prog}: {flag} needs a value")
+            key = target
+            value = (transforms or {}).get(flag, lambda v: v)(value)
+        if key is None:
+            warnings.warn(f"{prog}: {flag} is deprecated and has no effect ({(dropped or {}).get(flag, 'removed')})",
+                          FutureWarning, stacklevel=2)
+            continue
+        warnings.warn(f"{prog}: {flag} is deprecated: use --{key} {value}", FutureWarning, stacklevel=2)
+        out += [f"--{key}", str(value)]
+    return out

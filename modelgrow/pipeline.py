@@ -37,6 +37,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .accelerate import AcceleratedModel, accelerate
+from .config import DATA_DEFAULTS, MODEL_SIZE_FALLBACKS, PIPELINE_NAMES, SAMPLING_DEFAULTS
 from .diffusion import cfg_model_fn, two_condition_model_fn
 from .diffusion.schedulers import denoise, make_scheduler, scheduler_name
 from .models import STDiT
@@ -45,17 +46,14 @@ from .vae import VideoVAE
 from .video_io import to_uint8
 
 PIPELINE_CONFIG = "pipeline.json"  # the settings file of pipeline directories written before model_index.json
+# the sampling defaults (config.SAMPLING_DEFAULTS, the one table, under the pipeline's names) and the encoder settings
 DEFAULTS: dict[str, Any] = {
-    "num_inference_steps": 100,
-    "guidance_scale": 7.0,
-    "llm_guidance_scale": 12.5,
-    "prompt_mode": "SL",
-    "fps": 8,
-    "t5_max_length": 120,
+    **{PIPELINE_NAMES[k]: v for k, v in SAMPLING_DEFAULTS.items() if k in PIPELINE_NAMES},
+    "t5_max_length": MODEL_SIZE_FALLBACKS["model_max_length"],
     "t5_clean": True,
     "llm_max_length": 120,
-    "llm_layer": -1,
-    "llm_use_template": True,
+    "llm_layer": DATA_DEFAULTS["llm_layer"],
+    "llm_use_template": DATA_DEFAULTS["llm_use_template"],
     "vae_micro_batch_size": 4,
 }
 OUTPUT_TYPES = ("np", "pil", "pt", "latent")
@@ -138,7 +136,7 @@ class ModelGrowPipeline(DiffusionPipeline):
         if recaptioner is not None and recaptioner_tokenizer is None:
             raise ValueError("the recaptioner needs its recaptioner_tokenizer")
         if scheduler is None:
-            scheduler = make_scheduler(sampler or "iddpm")
+            scheduler = make_scheduler(sampler or SAMPLING_DEFAULTS["sampler"])
         elif sampler is not None:
             raise ValueError("give a scheduler or a sampler name, not both")
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

@@ -22,7 +22,7 @@ def main(policy: str) -> int:
     ref = create_model("STDiT-tiny", class_dropout_prob=0.0)
     m = create_model("STDiT-tiny", class_dropout_prob=0.0)
     m.load_state_dict(ref.state_dict())
-    done = parallelize(m, ParallelConfig(activation_checkpointing=policy, param_dtype="float32"), world_size=world)
+    done = parallelize(m, ParallelConfig(activation_checkpointing=policy), world_size=world, compute_dtype="float32")
     from torch.distributed.fsdp import FSDPModule
 
     assert isinstance(m, FSDPModule) and all(isinstance(b, FSDPModule) for b in m.blocks), "FSDP2 not applied"

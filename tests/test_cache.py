@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from modelgrow.data.cache import CachedDataset, CachedLoader, CacheMismatchError, encoder_identity, main
-from modelgrow.data.loader import VideoDataset
+from modelgrow.data.cache.format import fingerprint
+from modelgrow.data.videos import VideoDataset
 from modelgrow.video_io import write_png, write_video
 
 NF, FI, SIZE = 3, 2, (16, 16)
@@ -52,10 +53,17 @@ def setup(tmp_path_factory):
 
 
 def cli(setup, out, *extra):
+    """``modelgrow cache`` on the typed config: shorthands for the paths, --section.key overrides for the rest."""
     return main(["--manifest", str(setup["manifest"]), "--out", str(out), "--vae", setup["vae"], "--t5", setup["t5"],
-                 "--llm", setup["llm"], "--num-frames", str(NF), "--frame-interval", str(FI), "--image-size", "16,16",
-                 "--batch-size", "2", "--shard-size", "2", "--t5-max-length", "12", "--llm-max-length", "10",
-                 "--decoder", "pyav", "--max-fail-fraction", "0.5", "--device", "cpu", *extra])
+                 "--llm", setup["llm"], "--data.num_frames", str(NF), "--data.frame_interval", str(FI),
+                 "--data.image_size", "16,16", "--cache.batch_size", "2", "--cache.shard_size", "2",
+                 "--model.model_max_length", "12", "--grow.llm_max_length", "10", "--data.decoder", "pyav",
+                 "--data.max_fail_fraction", "0.5", "--device", "cpu", *extra])
+
+
+LEGACY = ["--num-frames", str(NF), "--frame-interval", str(FI), "--image-size", "16", "--batch-size", "2",
+          "--shard-size", "2", "--t5-max-length", "12", "--llm-max-length", "10", "--decoder", "pyav",
+          "--max-fail-fraction", "0.5", "--seed", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +76,8 @@ def built(setup, tmp_path_factory):
 def test_index_contents(built, setup):
     idx = json.loads((built / "index.json").read_text())
     assert idx["num_samples"] == 5 and len(idx["shards"]) == 3
+    assert idx["settings"]["decoder"] == "pyav" and idx["settings"]["prompt_mode"] == "SL"
+    assert idx["fingerprint"] == fingerprint(idx) and len(idx["fingerprint"]) == 16
     assert [os.path.basename(p) for p in idx["failed"]] == ["bad.webm"]
     assert sorted(e[0] for e in idx["entries"]) == [0, 1, 2, 3, 4]
     assert idx["tensors"]["latent"] == {"shape": [4, NF, 2, 2], "dtype": "F32"}
@@ -149,10 +159,7 @@ def test_mismatched_encoder_refused(setup, built, tmp_path):
     out = tmp_path / "c"
     shutil.copytree(built, out)
     with pytest.raises(CacheMismatchError, match="encoder 't5'"):
-        main(["--manifest", str(setup["manifest"]), "--out", str(out), "--vae", setup["vae"], "--t5", other,
-              "--llm", setup["llm"], "--num-frames", str(NF), "--frame-interval", str(FI), "--image-size", "16",
-              "--batch-size", "2", "--shard-size", "2", "--t5-max-length", "12", "--llm-max-length", "10",
-              "--decoder", "pyav", "--device", "cpu"])
+        cli({**setup, "t5": other}, out)
     with pytest.raises(CacheMismatchError, match="t5"):
         CachedDataset(built, expect={"t5": encoder_identity("t5", T5Encoder(other, max_length=12, device="cpu"))})
     with pytest.raises(CacheMismatchError, match="num_frames"):
@@ -164,3 +171,61 @@ def test_mismatched_encoder_refused(setup, built, tmp_path):
         CachedDataset(built).check_compatible(cfg)
     with pytest.raises(FileNotFoundError, match="index.json"):
         CachedDataset(tmp_path)
+
+
+def test_old_flags_still_build_with_a_warning(setup, built, tmp_path):
+    """The flags of before the typed config are read as their keys (a FutureWarning names each new key): the same
+    cache, every shard reused."""
+    import shutil
+
+    from modelgrow.config import translate_legacy_flags
+    from modelgrow.data.cache.build import LEGACY_FLAGS
+
+    with pytest.warns(FutureWarning, match=r"--num-frames is deprecated: use --data\.num_frames 3"):
+        argv = translate_legacy_flags(["--num-frames", "3", "--image-size=16", "--no-llm-template"], LEGACY_FLAGS, "x",
+                                      transforms={"--image-size": lambda v: f"{v},{v}"})
+    assert argv == ["--data.num_frames", "3", "--data.image_size", "16,16", "--data.llm_use_template", "false"]
+    out = tmp_path / "c"
+    shutil.copytree(built, out)
+    (out / "index.json").unlink()
+    with pytest.warns(FutureWarning, match="t5_max_length|model_max_length"):
+        assert main(["--manifest", str(setup["manifest"]), "--out", str(out), "--vae", setup["vae"], "--t5", setup["t5"],
+                     "--llm", setup["llm"], *LEGACY, "--device", "cpu"]) == 0
+    assert json.loads((out / "index.json").read_text())["fingerprint"] == json.loads((built / "index.json").read_text())["fingerprint"]
+
+
+def _train_cfg(built, *extra):
+    from modelgrow.config import load_config
+
+    return load_config(None, ["--model.preset", "STDiT-tiny", "--model.input_size", f"{NF},2,2", "--model.caption_channels",
+                              "32", "--model.model_max_length", "12", "--grow.llm", "true", "--grow.llm_channels", "32",
+                              "--grow.llm_max_length", "10", "--data.cache_dir", str(built), *extra])
+
+
+def test_training_config_is_checked_against_the_cache(built, setup, tmp_path):
+    """A cache fixes the [data] settings it was built with: unset, they take the cache's values; set to the same
+    values, fine; set otherwise, an error naming the key, the cache's value and the fix; data.hflip cannot apply."""
+    from modelgrow.data.loader import build_loader, resolve_data
+
+    ds = CachedDataset(built)
+    ds.check_compatible(_train_cfg(built))  # nothing set: the cache's settings
+    d = resolve_data(_train_cfg(built))
+    assert (d.num_frames, d.frame_interval, d.image_size, d.prompt_mode, d.decoder) == (NF, FI, SIZE, "SL", "pyav")
+    assert (d.llm_layer, d.llm_use_template) == (-1, True)
+    ds.check_compatible(_train_cfg(built, "--data.num_frames", str(NF), "--data.prompt_mode", "SL", "--data.decoder",
+                                   "pyav", "--data.image_size", "16,16", "--data.manifest", str(setup["manifest"]),
+                                   "--data.llm_use_template", "true"))
+    for args, match in [
+        (["--data.num_frames", "16"], rf"data\.num_frames = 16 but data\.cache_dir .* built with num_frames = {NF}: "
+                                      r"leave it unset .* or rebuild the cache"),
+        (["--data.prompt_mode", "S"], r"data\.prompt_mode = 'S' .* prompt_mode = 'SL'"),
+        (["--data.frame_interval", "3"], rf"data\.frame_interval = 3 .* frame_interval = {FI}"),
+        (["--data.image_size", "32,32"], r"data\.image_size = \[32, 32\] .* image_size = \[16, 16\]"),
+        (["--data.decoder", "dali"], r"data\.decoder = 'dali' .* decoded with 'pyav'"),
+        (["--data.llm_use_template", "false"], r"data\.llm_use_template = False .* use_template = True"),
+        (["--data.llm_layer", "-2"], r"data\.llm_layer = -2 .* layer = -1"),
+        (["--data.hflip", "true"], r"data\.hflip = true cannot apply .* unflipped"),
+        (["--data.manifest", str(tmp_path / "other.csv")], r"data\.manifest = .*other\.csv.* is not the manifest"),
+    ]:
+        with pytest.raises(CacheMismatchError, match=match):
+            build_loader(_train_cfg(built, *args))

@@ -99,8 +99,11 @@ def test_pipeline_command_builds_a_loadable_directory(pipe_dir, tmp_path):
     src.text_encoder.save_pretrained(tmp_path / "t5")
     src.tokenizer.save_pretrained(tmp_path / "t5")
     assert cli(["pipeline", "--transformer", str(tmp_path / "tr"), "--vae", str(tmp_path / "vae"), "--t5", str(tmp_path / "t5"),
-                "--out", str(tmp_path / "p"), "--sampler", "dpm-solver", "--steps", "3", "--t5-max-length", "8"]) == 0
+                "--out", str(tmp_path / "p"), "--sampler", "dpm-solver", "--steps", "3", "--t5-max-length", "8",
+                "--sample.fps", "12", "--sample.cfg_scale_t5", "4.5"]) == 0
     pipe = ModelGrowPipeline.from_pretrained(tmp_path / "p", device="cpu", accelerate_model=False)
     assert pipe.settings["num_inference_steps"] == 3 and type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    # the [sample] keys are the pipeline's saved defaults (the fps that `modelgrow sample` writes videos at)
+    assert pipe.settings["fps"] == 12 and pipe.settings["guidance_scale"] == 4.5 and pipe.settings["prompt_mode"] == "SL"
     out = pipe("a dog", generator=torch.Generator().manual_seed(0), output_type="latent", progress=False)
     assert out.videos.shape == (1, 4, 3, 4, 4)

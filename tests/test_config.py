@@ -100,3 +100,59 @@ def test_documented_example_config_is_valid():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "docs" / "example_continual.toml")
     assert cfg.train.mode == "expand" and cfg.grow.llm and cfg.model.stdit_kwargs()["depth"] == 28
+
+
+def test_one_pair_of_dtypes_and_the_replaced_keys(tmp_path):
+    """train.param_dtype / train.compute_dtype replace model.dtype, train.mixed_precision and parallel.param_dtype:
+    the old keys still load (a FutureWarning names the new key) and mean the same run."""
+    from modelgrow.config import SECTIONS
+
+    assert "mixed_precision" not in SECTIONS["train"].__dataclass_fields__
+    assert "param_dtype" not in SECTIONS["parallel"].__dataclass_fields__ and "dtype" not in SECTIONS["model"].__dataclass_fields__
+    cfg = Config()
+    assert (cfg.train.param_dtype, cfg.train.compute_dtype) == ("float32", "bfloat16")  # the defaults of before
+    new = load_config(None, ["--train.compute_dtype", "float32"])
+    with pytest.warns(FutureWarning, match=r"train\.mixed_precision .* train\.compute_dtype = 'float32'"):
+        assert load_config(None, ["--train.mixed_precision", "fp32"]) == new
+    with pytest.warns(FutureWarning, match=r"parallel\.param_dtype"):
+        assert load_config(None, ["--parallel.param_dtype", "float32"]) == new
+    with pytest.warns(FutureWarning, match="ignored"):  # a saved config of before: its three dtype keys
+        f = tmp_path / "old.toml"
+        f.write_text('[model]\ndtype = "float32"\n[train]\nmixed_precision = "fp32"\n[parallel]\nparam_dtype = "bfloat16"\n')
+        assert load_config(f) == new
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision = 'bf16' .* conflicts with train\.compute_dtype"):
+        config_from_dict({"train": {"mixed_precision": "bf16", "compute_dtype": "float32"}})
+    with pytest.raises(ConfigError, match=r"train\.compute_dtype: must be bfloat16 with train\.param_dtype = bfloat16"):
+        load_config(None, ["--train.param_dtype", "bfloat16", "--train.compute_dtype", "float32"])
+    keys = describe_keys()
+    listed = [line.split()[0] for line in keys.splitlines()]
+    assert "train.compute_dtype" in listed and "train.mixed_precision" not in listed and "model.dtype" not in listed
+
+
+def test_data_settings_unset_take_defaults_or_the_cache():
+    """[data] clip / text settings left unset resolve to the raw-video defaults, or to what a cache fixes."""
+    from modelgrow.config import DATA_DEFAULTS
+
+    d = Config().data
+    assert d.num_frames is None and d.prompt_mode is None and d.num_workers is None
+    r = d.resolved()
+    assert {k: getattr(r, k) for k in DATA_DEFAULTS} == DATA_DEFAULTS
+    r = load_config(None, ["--data.num_frames", "8"]).data.resolved({"num_frames": 4, "prompt_mode": "S",
+                                                                    "image_size": [32, 32]})
+    assert (r.num_frames, r.prompt_mode, r.image_size, r.frame_interval) == (8, "S", (32, 32), 3)
+
+
+def test_one_table_of_sampling_defaults():
+    from modelgrow.config import PIPELINE_NAMES, SAMPLING_DEFAULTS
+
+    s = Config().sample
+    assert {k: getattr(s, k) for k in SAMPLING_DEFAULTS} == SAMPLING_DEFAULTS
+    assert (s.num_frames, s.height, s.width) == (None, None, None)  # the transformer's size
+    assert set(PIPELINE_NAMES) <= set(SAMPLING_DEFAULTS)
+
+
+def test_cache_and_recaption_sections():
+    cfg = load_config(None, ["--cache.shard_size", "16", "--recaption.max_words", "64", "--recaption.prompt_mode", "L"])
+    assert cfg.cache.shard_size == 16 and cfg.recaption.max_words == 64 and cfg.recaption.prompt_mode == "L"
+    with pytest.raises(ConfigError, match=r"recaption\.retries"):
+        load_config(None, ["--recaption.retries", "-1"])

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
+from modelgrow.data.base import TooManyDecodeFailures, epoch_order
 from modelgrow.data.clips import draw_clip, resize_crop, sample_frame_indices, to_model_space
 from modelgrow.data.dali import is_dali_available
 from modelgrow.data.decode import DecodeError, FrameDecoder, decode_pyav, probe
-from modelgrow.data.loader import TooManyDecodeFailures, VideoDataset, VideoLoader, epoch_order
 from modelgrow.data.manifest import ManifestError, load_manifest
+from modelgrow.data.videos import VideoDataset, VideoLoader
 from modelgrow.video_io import write_png, write_video
 
 T, H, W = 20, 40, 48

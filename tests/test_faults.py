@@ -17,7 +17,7 @@ from modelgrow.train import checkpoint as ckpt
 from .helpers import build_tiny_pipeline, randomize_
 
 BASE = ["--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
-        "--model.model_max_length", "8", "--train.log_every", "1", "--train.mixed_precision", "fp32", "--optim.lr", "1e-3"]
+        "--model.model_max_length", "8", "--train.log_every", "1", "--train.compute_dtype", "float32", "--optim.lr", "1e-3"]
 TINY = dict(depth=2, hidden_size=32, num_heads=4, caption_channels=24, model_max_length=6, input_size=(2, 4, 4),
             class_dropout_prob=0.0)
 QUIET = dict(log=lambda *_: None)
@@ -372,11 +372,11 @@ def test_cache_failure_threshold_applies_to_small_manifests(setup, tmp_path, cap
     from modelgrow.cli import main as mg
 
     args = ["cache", "--manifest", str(setup["manifest"]), "--out", str(tmp_path / "c"), "--vae", setup["vae"],
-            "--t5", setup["t5"], "--num-frames", str(NF), "--frame-interval", "2", "--image-size", "16,16",
-            "--t5-max-length", "12", "--decoder", "pyav", "--device", "cpu", "--max-fail-fraction", "0.1"]
+            "--t5", setup["t5"], "--data.num_frames", str(NF), "--data.frame_interval", "2", "--data.image_size", "16,16",
+            "--model.model_max_length", "12", "--data.decoder", "pyav", "--device", "cpu", "--data.max_fail_fraction", "0.1"]
     assert mg(args) == 2  # 1 of 6 rows fails: more than 0.1 x 6
     err = capsys.readouterr().err
-    assert "bad.webm" in err and "max-fail-fraction" in err
+    assert "bad.webm" in err and "data.max_fail_fraction" in err
     assert not (tmp_path / "c" / "index.json").exists()
 
 
@@ -431,7 +431,7 @@ def test_interrupted_checkpoint_write_is_named_with_the_fallback(tmp_path):
     trainer = Trainer(load_config(None, [
         "--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
         "--model.model_max_length", "8", "--train.steps", "2", "--train.output_dir", str(tmp_path / "run"),
-        "--train.mixed_precision", "fp32", "--checkpoint.every_steps", "2"]),
+        "--train.compute_dtype", "float32", "--checkpoint.every_steps", "2"]),
         loader=RandomLatentLoader(2, (4, 4, 8, 8), (8, 32), seed=1), log=lambda *_: None)
     trainer.fit()
     root = tmp_path / "run" / "checkpoints"

@@ -26,6 +26,6 @@ def test_parallelize_fsdp2_and_checkpointing_match_plain_model(policy):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["max_grad_diff"] <= 1e-6
-    assert "fsdp" in out["applied"] and out["applied"]["fsdp"]["param_dtype"] == "float32"
+    assert "fsdp" in out["applied"] and out["applied"]["fsdp"]["compute_dtype"] == "float32"
     depth = 2  # STDiT-tiny
     assert out["applied"]["activation_checkpointing"] == (list(range(depth)) if policy == "full" else [0])

@@ -12,10 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from modelgrow import synthetic
 from modelgrow.config import load_config
-from modelgrow.data import synthetic
-from modelgrow.data.cache import CachedDataset, build_cache, collate_cached
-from modelgrow.data.loader import JointLoader, VideoDataset, build_loader, collate_videos
+from modelgrow.data.base import JointLoader
+from modelgrow.data.batch import collate
+from modelgrow.data.cache import CachedDataset, build_cache
+from modelgrow.data.loader import build_loader
+from modelgrow.data.videos import VideoDataset
 from modelgrow.models import STDiT
 
 from .helpers import randomize_
@@ -50,7 +53,7 @@ def _dataset(world, seed=0):
 
 
 def _loader(ds, p=0.4, **kw):
-    return JointLoader(ds, 2, p, collate_videos, seed=3, **kw)
+    return JointLoader(ds, 2, p, collate, seed=3, **kw)
 
 
 def test_image_split_of_domain_a(world):
@@ -100,17 +103,17 @@ def test_mix_ratio_is_respected():
 
     ds = Flags([True, False] * 4)
     for p in (0.0, 0.25, 0.7, 1.0):
-        loader = JointLoader(ds, 2, p, collate_videos, seed=11)
+        loader = JointLoader(ds, 2, p, collate, seed=11)
         frac = np.mean([loader.bucket_of_batch(b) == "image" for b in range(4000)])
         assert abs(frac - p) < 0.025, (p, frac)
     # every rank draws the same bucket for the same batch
-    a = JointLoader(ds, 2, 0.5, collate_videos, seed=11, rank=0, world_size=2)
-    b = JointLoader(ds, 2, 0.5, collate_videos, seed=11, rank=1, world_size=2)
+    a = JointLoader(ds, 2, 0.5, collate, seed=11, rank=0, world_size=2)
+    b = JointLoader(ds, 2, 0.5, collate, seed=11, rank=1, world_size=2)
     assert [a.bucket_of_batch(i) for i in range(50)] == [b.bucket_of_batch(i) for i in range(50)]
     with pytest.raises(ValueError, match="no single-frame images"):
-        JointLoader(Flags([False] * 3), 2, 0.5, collate_videos)
+        JointLoader(Flags([False] * 3), 2, 0.5, collate)
     with pytest.raises(ValueError, match="no videos"):
-        JointLoader(Flags([True] * 3), 2, 0.5, collate_videos)
+        JointLoader(Flags([True] * 3), 2, 0.5, collate)
 
 
 def test_resume_gives_the_same_batches(world):
@@ -219,7 +222,7 @@ def test_cache_holds_single_frame_image_latents(world, cache):
             enc.sample_posterior = keep
             torch.testing.assert_close(s["latent"], z, rtol=1e-5, atol=1e-5)
     assert n_img == N_IMG
-    loader = JointLoader(ds, 2, 0.5, collate_cached, seed=1)
+    loader = JointLoader(ds, 2, 0.5, collate, seed=1)
     it = iter(loader)
     for b in range(6):
         batch = next(it)
@@ -231,7 +234,7 @@ def test_training_on_mixed_data_lowers_the_loss(cache, tmp_path):
 
     cfg = load_config(None, ["--model.preset", "STDiT-tiny", "--model.input_size", f"{NF},4,4",
                              "--model.caption_channels", "32", "--model.model_max_length", "8",
-                             "--train.log_every", "1", "--train.mixed_precision", "fp32", "--optim.lr", "2e-3",
+                             "--train.log_every", "1", "--train.compute_dtype", "float32", "--optim.lr", "2e-3",
                              "--train.batch_size", "4", "--train.steps", "24", "--train.t5_drop", "0",
                              "--checkpoint.every_steps", "1000", "--train.output_dir", str(tmp_path / "run"),
                              "--data.cache_dir", str(cache["dir"]), "--data.image_batch_prob", "0.5"])
@@ -242,7 +245,7 @@ def test_training_on_mixed_data_lowers_the_loss(cache, tmp_path):
 
     def held_loss(image):  # fixed samples, timesteps and noise
         ks = [k for k in range(len(ds)) if ds.is_image(k) == image][:4]
-        b = collate_cached([ds.get(k) for k in ks])
+        b = collate([ds.get(k) for k in ks])
         g = torch.Generator().manual_seed(0)
         x0 = b["latent"]
         t = torch.randint(0, 1000, (16,), generator=g)
@@ -271,7 +274,7 @@ def test_raw_mixed_manifest_trains_with_on_the_fly_encoding(world, cache, tmp_pa
 
     cfg = load_config(None, ["--model.preset", "STDiT-tiny", "--model.input_size", f"{NF},4,4",
                              "--model.caption_channels", "32", "--model.model_max_length", "8",
-                             "--train.log_every", "1", "--train.mixed_precision", "fp32", "--train.batch_size", "2",
+                             "--train.log_every", "1", "--train.compute_dtype", "float32", "--train.batch_size", "2",
                              "--train.steps", "4", "--checkpoint.every_steps", "1000",
                              "--train.output_dir", str(tmp_path / "raw"), "--data.manifest", str(world["manifest"]),
                              "--data.vae", cache["vae_dir"], "--data.t5", cache["t5_dir"], "--data.decoder", "pyav",
@@ -292,7 +295,7 @@ def test_trainer_resume_on_mixed_data_is_bit_exact(cache, tmp_path):
     def cfg(out, steps):
         return load_config(None, ["--model.preset", "STDiT-tiny", "--model.input_size", f"{NF},4,4",
                                   "--model.caption_channels", "32", "--model.model_max_length", "8",
-                                  "--train.log_every", "1", "--train.mixed_precision", "fp32", "--train.batch_size", "2",
+                                  "--train.log_every", "1", "--train.compute_dtype", "float32", "--train.batch_size", "2",
                                   "--train.steps", str(steps), "--checkpoint.every_steps", "3",
                                   "--train.output_dir", str(out), "--data.cache_dir", str(cache["dir"]),
                                   "--data.image_batch_prob", "0.5"])

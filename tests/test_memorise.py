@@ -41,10 +41,10 @@ diffusers = pytest.importorskip("diffusers")
 
 from modelgrow.config import load_config  # noqa: E402
 from modelgrow.data.cache import CachedDataset, build_cache  # noqa: E402
-from modelgrow.data.synthetic import generate, read_manifest, render_clip, sample_specs  # noqa: E402
-from modelgrow.evaluate.semantic import train_classifier  # noqa: E402
 from modelgrow.models import STDiT, from_pretrained  # noqa: E402
 from modelgrow.pipeline import ModelGrowPipeline  # noqa: E402
+from modelgrow.synthetic.semantic import train_classifier  # noqa: E402
+from modelgrow.synthetic.world import generate, read_manifest, render_clip, sample_specs  # noqa: E402
 from modelgrow.text import T5Encoder  # noqa: E402
 from modelgrow.text.tiny import build_tiny_t5  # noqa: E402
 from modelgrow.train import Trainer  # noqa: E402
@@ -124,7 +124,7 @@ def memorised(tmp_path_factory, one_thread):
         "--data.cache_dir", str(root / "cache"),
         "--data.num_workers", "0", "--train.steps", str(STEPS), "--train.batch_size", "8",
         "--train.output_dir", str(root / "run"), "--train.log_every", str(STEPS // 4),
-        "--train.mixed_precision", "fp32", "--train.ema_decay", "0.99", "--optim.lr", "2e-3",
+        "--train.compute_dtype", "float32", "--train.ema_decay", "0.99", "--optim.lr", "2e-3",
         "--optim.warmup_steps", "50", "--optim.decay_steps", str(STEPS - 50), "--checkpoint.every_steps", str(STEPS),
         "--train.timestep_sampling", "logit_normal"])
     lines: list[str] = []

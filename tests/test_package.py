@@ -131,7 +131,8 @@ def test_cli_recaption_on_a_manifest(tmp_path):
     csv_in = tmp_path / "m.csv"
     csv_in.write_text("path,caption\na.mp4,a red square moving left\nb.mp4,a blue circle\n")
     _run(["-m", "modelgrow", "recaption", "--model", str(tmp_path / "llm"), "--csv", str(csv_in),
-          "--out", str(tmp_path / "out.csv"), "--min-words", "5", "--max-words", "9", "--max-new-tokens", "12"])
+          "--out", str(tmp_path / "out.csv"), "--recaption.min_words", "5", "--recaption.max_words", "9",
+          "--recaption.max_new_tokens", "12"])
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "out.csv")))

@@ -150,6 +150,28 @@ def test_diffusion_pipeline_from_pretrained_and_scheduler_swap(parts, tmp_path):
     assert type(DiffusionPipeline.from_pretrained(tmp_path / "pipe2").scheduler) is IDDPMScheduler
 
 
+@pytest.mark.parametrize("first", ["modelgrow", "diffusers"])
+def test_diffusers_finds_the_pipeline_after_a_cheap_import_modelgrow(parts, tmp_path, first):
+    """``import modelgrow`` imports no torch, yet ``DiffusionPipeline.from_pretrained`` resolves ModelGrowPipeline
+    afterwards, whether diffusers is imported after modelgrow or before it."""
+    _pipe(parts, llm=False, steps=2).save_pretrained(tmp_path / "pipe")
+    code = ("import sys\n"
+            + ("import modelgrow\nassert 'torch' not in sys.modules and 'diffusers' not in sys.modules\n"
+               "import diffusers\n" if first == "modelgrow" else "import diffusers\nimport modelgrow\n")
+            + "pipe = diffusers.DiffusionPipeline.from_pretrained(sys.argv[1])\nprint(type(pipe).__name__)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pipe")], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "ModelGrowPipeline"
+
+
+def test_sampling_defaults_come_from_the_config_table():
+    from modelgrow.config import PIPELINE_NAMES, SAMPLING_DEFAULTS
+    from modelgrow.pipeline import DEFAULTS
+
+    assert {k: DEFAULTS[PIPELINE_NAMES[k]] for k in PIPELINE_NAMES} == {k: SAMPLING_DEFAULTS[k] for k in PIPELINE_NAMES}
+
+
 def test_call_arguments_the_diffusers_way(parts):
     pipe = _pipe(parts, llm=False, steps=2)
     kw = dict(progress=False, output_type="latent")

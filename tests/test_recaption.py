@@ -193,16 +193,18 @@ def test_recaption_missing_path(tmp_path):
 def test_main_prompts_file_and_csv(llama_dirs, tmp_path):
     pf = tmp_path / "prompts.txt"
     pf.write_text("A cat runs on the beach\n\n  dog  \n")
-    common = ["--model", llama_dirs["chat"], "--max-new-tokens", "24", "--batch-size", "2", "--top-p", "1.0", "--retries", "1"]
-    assert main([*common, "--prompts-file", str(pf), "--out", str(tmp_path / "o.jsonl"), "--min-words", "6",
-                 "--max-words", "10"]) == 0
+    common = ["--model", llama_dirs["chat"], "--recaption.max_new_tokens", "24", "--recaption.batch_size", "2",
+              "--recaption.top_p", "1.0", "--recaption.retries", "1"]
+    assert main([*common, "--prompts-file", str(pf), "--out", str(tmp_path / "o.jsonl"), "--recaption.min_words", "6",
+                 "--recaption.max_words", "10"]) == 0
     recs = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert [r["short"] for r in recs] == ["A cat runs on the beach", "dog"]
     assert all(count_words(r["long"]) <= 10 for r in recs)
     assert all(r["prompt"] == f"{r['short']} {r['long']}" for r in recs)  # default mode SL
 
-    assert main([*common, "--prompts-file", str(pf), "--out", str(tmp_path / "o.txt"), "--mode", "L",
-                 "--min-words", "6", "--max-words", "10"]) == 0
+    with pytest.warns(FutureWarning, match=r"--mode is deprecated: use --recaption\.prompt_mode L"):  # old flags work
+        assert main([*common, "--prompts-file", str(pf), "--out", str(tmp_path / "o.txt"), "--mode", "L",
+                     "--min-words", "6", "--max-words", "10"]) == 0
     lines = (tmp_path / "o.txt").read_text().splitlines()
     assert lines == [r["long"] for r in recs]  # greedy: the same long prompts
 

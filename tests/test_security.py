@@ -16,7 +16,7 @@ from modelgrow.train import RandomLatentLoader, Trainer
 from modelgrow.train import checkpoint as ckpt
 
 BASE = ["--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
-        "--model.model_max_length", "8", "--train.log_every", "1", "--train.mixed_precision", "fp32", "--optim.lr", "1e-3"]
+        "--model.model_max_length", "8", "--train.log_every", "1", "--train.compute_dtype", "float32", "--optim.lr", "1e-3"]
 
 
 class _Evil:

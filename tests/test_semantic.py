@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from modelgrow.data.synthetic import generate, read_manifest, render_clip, sample_specs, vocabulary
-from modelgrow.data.synthetic import BACKGROUNDS
-from modelgrow.evaluate import SCORED_ATTRIBUTES, SemanticClassifier, prepare_videos, train_classifier
-from modelgrow.evaluate.semantic import ALL_ATTRIBUTES, background_of
+from modelgrow.synthetic import SCORED_ATTRIBUTES, SemanticClassifier, prepare_videos, train_classifier
+from modelgrow.synthetic.semantic import ALL_ATTRIBUTES, background_of
+from modelgrow.synthetic.world import BACKGROUNDS, generate, read_manifest, render_clip, sample_specs, vocabulary
 from modelgrow.video_io import read_video
 
 

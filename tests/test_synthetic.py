@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from modelgrow.data.synthetic import (
+from modelgrow.synthetic.world import (
     ATTRIBUTES,
     COLORS,
     DIRECTION_VECTORS,

@@ -19,7 +19,7 @@ from modelgrow.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
-        "--model.model_max_length", "8", "--train.log_every", "1", "--train.mixed_precision", "fp32", "--optim.lr", "1e-3"]
+        "--model.model_max_length", "8", "--train.log_every", "1", "--train.compute_dtype", "float32", "--optim.lr", "1e-3"]
 
 
 def _cfg(out, *extra):
@@ -227,3 +227,19 @@ def test_mode_errors(tmp_path):
         Trainer(_cfg(tmp_path, "--grow.strategy", "insert"), loader=_loader())
     with pytest.raises(ValueError, match="needs a grown model"):
         Trainer(_cfg(tmp_path, "--train.mode", "expand"), loader=_loader())
+
+
+def test_dtype_pair_decides_the_model_dtypes(tmp_path):
+    """train.param_dtype / compute_dtype are the only dtype settings: parallelize() puts the weights in param_dtype
+    and the input cast at the weights' dtype (autocast runs compute_dtype); pure bf16 trains in bf16."""
+    t = Trainer(_cfg(tmp_path / "a", "--train.steps", "1", "--train.compute_dtype", "bfloat16"), loader=_loader(),
+                log=lambda *_: None)
+    assert t.applied["dtype"] == {"params": "float32", "compute": "bfloat16", "how": "autocast"}
+    assert t.model.dtype == torch.float32 and all(p.dtype == torch.float32 for p in t.model.parameters())
+    t = Trainer(_cfg(tmp_path / "b", "--train.steps", "2", "--train.param_dtype", "bfloat16",
+                     "--train.compute_dtype", "bfloat16"), loader=_loader(), log=lambda *_: None)
+    assert t.model.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in t.model.parameters())
+    assert all(v.dtype == torch.float32 for v in t.ema.shadow.values())  # the EMA stays fp32
+    hist = t.fit()
+    assert len(hist) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in hist)
+    assert all(p.dtype == torch.bfloat16 for p in t.model.parameters())

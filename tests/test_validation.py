@@ -26,7 +26,7 @@ from .helpers import randomize_
 NF, SIZE, N_HELD = 4, 32, 3
 QUIET = {"log": lambda *_: None}
 BASE = ["--model.preset", "STDiT-tiny", "--model.input_size", f"{NF},4,4", "--model.caption_channels", "32",
-        "--model.model_max_length", "8", "--train.log_every", "1", "--train.mixed_precision", "fp32",
+        "--model.model_max_length", "8", "--train.log_every", "1", "--train.compute_dtype", "float32",
         "--optim.lr", "1e-3", "--checkpoint.every_steps", "1000", "--train.batch_size", "2"]
 
 
@@ -48,7 +48,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory):
-    from modelgrow.data import synthetic
+    from modelgrow import synthetic
     from modelgrow.data.cache import build_cache
     from modelgrow.text import T5Encoder
     from modelgrow.text.tiny import build_tiny_t5
@@ -315,8 +315,8 @@ def test_torchrun_validation_matches_single_process(heldout, tmp_path):
     # the worker's single-process run, in this process
     cfg = load_config(None, ["--model.preset", "STDiT-tiny", "--model.caption_channels", "32", "--model.model_max_length",
                              "8", "--train.steps", "4", "--train.log_every", "1", "--train.output_dir", str(tmp_path / "one"),
-                             "--train.mixed_precision", "fp32", "--checkpoint.every_steps", "1000", "--optim.lr", "1e-3",
-                             "--parallel.param_dtype", "float32", *val])
+                             "--train.compute_dtype", "float32", "--checkpoint.every_steps", "1000", "--optim.lr", "1e-3",
+                             *val])
     one_h = [m["loss"] for m in Trainer(cfg, loader=RandomLatentLoader(4, (4, 4, 8, 8), (8, 32), seed=3), **QUIET).fit()]
     assert two_h == pytest.approx(one_h, rel=1e-5, abs=1e-6)
     one, two = _records(tmp_path / "one", "val"), _records(tmp_path / "two", "val")

@@ -91,9 +91,9 @@ def test_recaption_cli_end_to_end_and_resume(llava_dir, tmp_path, capsys):
     man = tmp_path / "m.csv"
     man.write_text("path,caption,extra\nv0.mp4,a,x0\nbad.mp4,b,x1\nv1.mp4,c,x2\nimg.png,d,x3\nv2.mp4,e,x4\n")
     out = tmp_path / "out" / "cap.csv"
-    args = ["recaption", "--videos", str(man), "--vlm", llava_dir, "--out", str(out), "--num-frames", "3",
-            "--batch-size", "2", "--max-new-tokens", "16", "--min-words", "2", "--max-words", "6", "--retries", "1",
-            "--no-progress"]
+    args = ["recaption", "--videos", str(man), "--vlm", llava_dir, "--out", str(out), "--recaption.num_frames", "3",
+            "--recaption.batch_size", "2", "--recaption.max_new_tokens", "16", "--recaption.min_words", "2",
+            "--recaption.max_words", "6", "--recaption.retries", "1", "--no-progress"]
     assert cli(args) == 1  # one row failed
     err = capsys.readouterr().err
     assert "1 failed" in err and "bad.mp4" in err

@@ -18,8 +18,8 @@ def main(out_dir: str, global_batch: int, steps: int, extra: list[str]) -> int:
     cfg = load_config(None, [
         "--model.preset", "STDiT-tiny", "--model.input_size", "4,8,8", "--model.caption_channels", "32",
         "--model.model_max_length", "8", "--train.steps", str(steps), "--train.log_every", "1",
-        "--train.output_dir", out_dir, "--train.mixed_precision", "fp32", "--checkpoint.every_steps", "1000",
-        "--optim.lr", "1e-3", "--parallel.param_dtype", "float32", *extra])
+        "--train.output_dir", out_dir, "--train.compute_dtype", "float32", "--checkpoint.every_steps", "1000",
+        "--optim.lr", "1e-3", *extra])
     loader = RandomLatentLoader(global_batch // world, (4, 4, 8, 8), (8, 32), seed=3, rank=rank, world_size=world)
     trainer = Trainer(cfg, loader=loader, log=lambda *_: None)
     history = trainer.fit()

@@ -1,5 +1,14 @@
-"""Data: manifests, clip sampling, video decoding (PyAV / DALI CPU / DALI GPU), the sharded resumable loader,
-the latent/text cache and (``modelgrow.data.synthetic``) procedurally generated videos.
+"""Data: manifests, clip sampling, video decoding (PyAV / DALI CPU / DALI GPU), the one batch schema, the shared
+sharded / resumable loader base, raw-video datasets, the encoders, the latent/text cache (format, reading,
+building) and the training loader above them all.
+
+    manifest, clips, decode, dali   reading videos
+    batch                           the batch schema (keys, shapes) and collate
+    base                            order, sharding, workers, resume, failure counting (+ joint image/video)
+    videos                          VideoDataset / VideoLoader (raw videos)
+    encode                          the VAE / T5 / LLM of [data] and the one encode function
+    cache/                          format (files, fingerprints, checks), dataset (reading), build (encoding)
+    loader                          build_loader: the run's loader, cache or raw videos
 
 Imports are lazy so that ``import modelgrow.data`` stays cheap (no PyAV / DALI / safetensors until used).
 """
@@ -13,8 +22,11 @@ __all__ = [
     "ClipSpec", "clip_rng", "sample_frame_indices", "draw_clip", "resize_crop", "to_model_space",
     "DecodeError", "VideoInfo", "probe", "read_image", "decode_pyav", "FrameDecoder", "resolve_decoder",
     "DALI_CPU_CODECS", "is_dali_available", "dali_gpu_available", "DaliVideoDecoder",
-    "VideoDataset", "VideoLoader", "TooManyDecodeFailures", "FailureCounter", "epoch_order", "build_loader",
-    "JointLoader", "bucket_order", "build_cache", "CachedDataset", "CachedLoader", "CacheMismatchError", "encoder_identity",
+    "Batch", "collate",
+    "TooManyDecodeFailures", "FailureCounter", "epoch_order", "bucket_order", "ShardedLoader", "JointLoader",
+    "VideoDataset", "VideoLoader", "Encoders", "encode_batch",
+    "build_cache", "CachedDataset", "CachedLoader", "CacheMismatchError", "encoder_identity",
+    "build_loader", "resolve_data",
 ]
 
 _LAZY = {
@@ -23,9 +35,15 @@ _LAZY = {
     **{n: "decode" for n in ("DecodeError", "VideoInfo", "probe", "read_image", "decode_pyav", "FrameDecoder",
                              "resolve_decoder", "DALI_CPU_CODECS")},
     **{n: "dali" for n in ("is_dali_available", "dali_gpu_available", "DaliVideoDecoder")},
-    **{n: "loader" for n in ("VideoDataset", "VideoLoader", "TooManyDecodeFailures", "FailureCounter", "epoch_order",
-                             "build_loader", "JointLoader", "bucket_order")},
-    **{n: "cache" for n in ("build_cache", "CachedDataset", "CachedLoader", "CacheMismatchError", "encoder_identity")},
+    **{n: "batch" for n in ("Batch", "collate")},
+    **{n: "base" for n in ("TooManyDecodeFailures", "FailureCounter", "epoch_order", "bucket_order", "ShardedLoader",
+                           "JointLoader")},
+    **{n: "videos" for n in ("VideoDataset", "VideoLoader")},
+    **{n: "encode" for n in ("Encoders", "encode_batch")},
+    **{n: "cache.build" for n in ("build_cache",)},
+    **{n: "cache.dataset" for n in ("CachedDataset", "CachedLoader")},
+    **{n: "cache.format" for n in ("CacheMismatchError", "encoder_identity")},
+    **{n: "loader" for n in ("build_loader", "resolve_data")},
 }
 
 

@@ -373,12 +373,9 @@ def from_pretrained(
     meta = read_config(model_dir)
     if meta.get("architecture", "STDiT") != "STDiT":
         raise ValueError(f"{model_dir}: architecture {meta['architecture']!r} is not an STDiT")
-    import inspect
-
     cfg = meta["config"]
-    known = set(inspect.signature(STDiT.__init__).parameters) - {"self"}
-    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(STDiT.__init__).parameters.values())
-    unknown = sorted(set(cfg) - known) if not has_var_kw else []
+    known = set(STDiT.config_fields())  # the constructor's arguments (STDiT.config_of builds a config from them)
+    unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"{Path(model_dir) / CONFIG_NAME}: unknown config field(s) {unknown}; valid fields: {sorted(known)}")
     try:

@@ -79,7 +79,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 class STDiTBlock(nn.Module):
     """One STDiT block: spatial self-attn -> temporal self-attn -> T5 cross-attn [-> gated LLM cross-attn]
     -> MLP, adaLN-single. ``llm_gate`` = None builds Open-Sora's block; "scalar" / "per_head" adds the
-    ModelGrow LLM cross-attention whose output is scaled by tanh(llm_gate) (llm_gate = 0 at init)."""
+    ModelGrow LLM cross-attention whose output is scaled by tanh(llm_gate) (llm_gate = 0 at init).
+
+    ``grad_checkpointing``: recompute this block's activations in backward; set by
+    :func:`modelgrow.train.parallelize.parallelize` only (``parallel.activation_checkpointing``)."""
+
+    grad_checkpointing: bool = False
 
     def __init__(
         self,
@@ -169,6 +174,10 @@ class STDiTBlock(nn.Module):
         return x
 
 
+_NOT_RECORDED = ("enable_flashattn", "enable_layernorm_kernel", "enable_sequence_parallelism")  # no effect here
+_LLM_FIELDS = ("llm_channels", "llm_max_length", "llm_gate")  # recorded only with the LLM condition
+
+
 class STDiT(ModelMixin, ConfigMixin):
     """Open-Sora v1.0 STDiT. ``forward(x, timestep, y, mask=None) -> [B, out_channels, T, H, W]``.
 
@@ -208,8 +217,9 @@ class STDiT(ModelMixin, ConfigMixin):
         llm_gate: str = "scalar",
         growth: dict | None = None,
     ):
+        config = self.config_of(locals())  # what STDiT(**model.config) rebuilds the model from (one place)
         super().__init__()
-        input_size, patch_size = tuple(int(v) for v in input_size), tuple(int(v) for v in patch_size)
+        input_size, patch_size = tuple(config["input_size"]), tuple(config["patch_size"])
         _check_arch(input_size, patch_size, hidden_size, depth, num_heads, temporal_pos_block)
         if enable_sequence_parallelism:
             raise ValueError(
@@ -242,30 +252,6 @@ class STDiT(ModelMixin, ConfigMixin):
         self.space_scale = space_scale
         self.time_scale = time_scale
         self.temporal_pos_block = temporal_pos_block
-        config: dict[str, Any] = dict(
-            input_size=list(input_size),
-            in_channels=in_channels,
-            patch_size=list(patch_size),
-            hidden_size=hidden_size,
-            depth=depth,
-            num_heads=num_heads,
-            mlp_ratio=mlp_ratio,
-            class_dropout_prob=class_dropout_prob,
-            pred_sigma=pred_sigma,
-            drop_path=drop_path,
-            no_temporal_pos_emb=no_temporal_pos_emb,
-            caption_channels=caption_channels,
-            model_max_length=model_max_length,
-            dtype=dtype_name(self.dtype),
-            space_scale=space_scale,
-            time_scale=time_scale,
-            freeze=freeze,
-            temporal_pos_block=temporal_pos_block,
-        )
-        if llm_channels is not None:  # ModelGrow's LLM condition (modelgrow.grow.add_llm_condition)
-            config.update(llm_channels=llm_channels, llm_max_length=llm_max_length, llm_gate=llm_gate)
-        if growth is not None:  # provenance of grown blocks (modelgrow.grow.expand)
-            config["growth"] = growth
         if _HAS_DIFFUSERS:
             self.register_to_config(**config)
         else:  # pragma: no cover
@@ -314,6 +300,30 @@ class STDiT(ModelMixin, ConfigMixin):
             self.freeze_text()
 
     # --------------------------------------------------------------------------------------------------
+    @classmethod
+    def config_fields(cls) -> tuple[str, ...]:
+        """The constructor's keyword arguments: what a saved config may hold."""
+        import inspect
+
+        return tuple(n for n in inspect.signature(cls.__init__).parameters if n != "self")
+
+    @classmethod
+    def config_of(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """The config dict of a model built with the constructor arguments ``args`` (``locals()`` of
+        ``__init__``): every argument in a plain JSON form (sizes as lists, the dtype by name), except Open-Sora's
+        flags that change nothing here (``enable_*``), the LLM condition's only when it exists and the growth
+        provenance only when there is one."""
+        config = {n: args[n] for n in cls.config_fields() if n not in _NOT_RECORDED}
+        config["input_size"] = [int(v) for v in config["input_size"]]
+        config["patch_size"] = [int(v) for v in config["patch_size"]]
+        config["dtype"] = dtype_name(dtype_from_name(config["dtype"]))
+        if config["llm_channels"] is None:  # Open-Sora's model: no ModelGrow LLM condition (grow.add_llm_condition)
+            for n in _LLM_FIELDS:
+                del config[n]
+        if config["growth"] is None:  # provenance of grown blocks (grow.expand)
+            del config["growth"]
+        return config
+
     @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments (a fresh plain dict: edit a copy, build a new STDiT from it)."""
@@ -406,7 +416,7 @@ class STDiT(ModelMixin, ConfigMixin):
         for i, block in enumerate(self.blocks):
             tpe = pos_embed_temporal if i == self.temporal_pos_block else None  # [1, T, C]
             args = (x, y, t0, y_mask, tpe) if y_llm is None else (x, y, t0, y_mask, tpe, y_llm, llm_mask)
-            if getattr(block, "grad_checkpointing", False) and self.training and torch.is_grad_enabled():
+            if block.grad_checkpointing and self.training and torch.is_grad_enabled():  # chosen by parallelize()
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, shape=(T, S))  # [B, T*S, C]
             else:
                 x = block(*args, shape=(T, S))  # [B, T*S, C]

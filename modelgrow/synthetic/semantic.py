@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..data.synthetic import BACKGROUNDS, render_clip, sample_specs, vocabulary
+from .world import BACKGROUNDS, render_clip, sample_specs, vocabulary
 
 __all__ = ["SemanticClassifier", "train_classifier", "prepare_videos", "background_of", "SCORED_ATTRIBUTES",
            "MEASURED_ATTRIBUTES", "ALL_ATTRIBUTES", "FRAMES", "RES", "CROP"]

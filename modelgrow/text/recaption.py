@@ -19,9 +19,9 @@ Word-range policy (words = whitespace-separated tokens, ``count_words``)
        prompt gives ``""`` (there is nothing to rewrite); an empty generation stays empty, and the SL merge then
        falls back to the short prompt alone.
 
-CLI (``modelgrow recaption ...`` -> ``main(argv)``)
+CLI (``modelgrow recaption ...`` -> ``main(argv)``; settings: the ``[recaption]`` config keys)
     ``--prompts-file F`` (one prompt per line, blank lines skipped) -> ``--out``: ``*.jsonl`` gets one object
-    per prompt ``{"short", "long", "prompt"}`` (``prompt`` = the ``--mode`` merge), any other extension one
+    per prompt ``{"short", "long", "prompt"}`` (``prompt`` = the ``recaption.prompt_mode`` merge), any other extension one
     merged prompt per line. ``--csv IN`` -> ``--out`` CSV with ``long_caption`` + ``long_caption_status`` columns added (the long prompt
     itself; the data loader merges by ``data.prompt_mode``), other columns and row order kept.
     ``--videos M --vlm DIR`` captions the videos themselves with a vision-language model
@@ -41,7 +41,7 @@ import torch
 
 from ..fileio import atomic_output
 from ._common import check_local_dir, freeze, generation_kwargs, load_pretrained, resolve_device, resolve_dtype
-from .prompts import PROMPT_MODES, merge_prompt
+from .prompts import merge_prompt
 
 __all__ = ["Recaptioner", "RECAPTION_INSTRUCTION", "recaption_instruction", "count_words", "fit_word_range",
            "clean_generation", "main"]
@@ -301,49 +301,73 @@ def _atomic_write_csv(path: str, fields: list[str], rows: list[dict]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+# the flags of the command before it took the typed config (deprecated: a FutureWarning names the new key)
+LEGACY_FLAGS = {
+    "--batch-size": "recaption.batch_size", "--min-words": "recaption.min_words", "--max-words": "recaption.max_words",
+    "--max-new-tokens": "recaption.max_new_tokens", "--retries": "recaption.retries",
+    "--sample": ("recaption.sample", "true"), "--temperature": "recaption.temperature", "--top-p": "recaption.top_p",
+    "--seed": "recaption.seed", "--dtype": "recaption.dtype", "--caption-col": "recaption.caption_col",
+    "--out-col": "recaption.out_col", "--mode": "recaption.prompt_mode", "--num-frames": "recaption.num_frames",
+    "--frames-as": "recaption.frames_as", "--instruction": "recaption.instruction",
+}
+
+USAGE = """\
+Rewrite short prompts into detailed ones with a local instruct LLM (the paper's recaptioning), or caption the
+videos of a manifest with a local vision-language model (--videos). Settings are the [recaption] config keys, as
+for the other commands: --config FILE.toml, then --recaption.key VALUE overrides (`modelgrow config --keys`).
+
+  modelgrow recaption --model DIR --csv manifest.csv --out out.csv --recaption.max_words 128
+  modelgrow recaption --model DIR --prompts-file prompts.txt --out prompts.jsonl --recaption.prompt_mode SL
+  modelgrow recaption --videos manifest.csv --vlm DIR --out out.csv --recaption.num_frames 8
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="modelgrow recaption",
-        description="Rewrite short prompts into detailed ones with a local instruct LLM (the paper's recaptioning).",
-    )
-    p.add_argument("--model", required=True, help="local directory of the instruct LLM (no hub downloads)")
+    p = argparse.ArgumentParser(prog="modelgrow recaption", description=USAGE,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="TOML config file; --section.key VALUE overrides follow")
+    p.add_argument("--model", default=None, help="shorthand for --recaption.model (local instruct-LLM dir)")
+    p.add_argument("--vlm", default=None, help="shorthand for --recaption.vlm (local vision-language model dir)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts-file", help="text file, one prompt per line (blank lines skipped)")
     src.add_argument("--csv", help="CSV manifest; a long-caption column is added")
-    p.add_argument("--out", required=True, help="output: .jsonl or text (prompts file), CSV (--csv)")
-    p.add_argument("--mode", default="SL", choices=PROMPT_MODES,
-                   help="prompt written for a prompts file: S, L or SL = short + long (default SL)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--min-words", type=int, default=35)
-    p.add_argument("--max-words", type=int, default=128)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--retries", type=int, default=2, help="sampled regenerations of too-short outputs")
-    p.add_argument("--sample", action="store_true", help="sample the first pass too (default greedy)")
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--seed", type=int, default=0)
+    src.add_argument("--videos", help="CSV manifest with a 'path' column: caption the videos with --vlm")
+    p.add_argument("--out", required=True, help="output: .jsonl or text (prompts file), CSV (--csv, --videos)")
+    p.add_argument("--overwrite", action="store_true", help="--csv: replace an existing recaption.out_col column")
+    p.add_argument("--redo-flagged", action="store_true", help="--videos: also redo rows flagged too_short before")
+    p.add_argument("--no-progress", action="store_true", help="--videos: no progress bar")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    p.add_argument("--dtype", default=None, help="float32 / bfloat16 / float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--caption-col", default="caption", help="CSV column with the short caption")
-    p.add_argument("--out-col", default="long_caption", help="CSV column to add")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out-col column")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if any(a.split("=")[0] in ("--videos", "--vlm") for a in argv):  # caption the videos with a VLM
-        from .video_recaption import main as video_main
+def parse_args(argv: Sequence[str] | None = None):
+    """(arguments, typed config) of ``modelgrow recaption`` (legacy flags translated, with a warning)."""
+    from ..config import load_config, translate_legacy_flags
 
-        return video_main(argv)
-    args = build_parser().parse_args(argv)
+    argv = translate_legacy_flags(list(sys.argv[1:] if argv is None else argv), LEGACY_FLAGS, "modelgrow recaption")
+    args, rest = build_parser().parse_known_args(argv)
+    for flag in ("model", "vlm"):
+        if getattr(args, flag) is not None:
+            rest += [f"--recaption.{flag}", getattr(args, flag)]
+    return args, load_config(args.config, rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, cfg = parse_args(argv)
+    r = cfg.recaption
+    if args.videos:  # caption the videos with a VLM
+        from .video_recaption import run as video_run
+
+        return video_run(args, r)
+    if not r.model:
+        raise ValueError("modelgrow recaption: set recaption.model (--model DIR), the local instruct LLM")
     rc = Recaptioner(
-        args.model, device=args.device, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, min_words=args.min_words, max_words=args.max_words, seed=args.seed,
-        do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, retries=args.retries,
+        r.model, device=args.device, dtype=r.dtype, max_new_tokens=r.max_new_tokens or 256,
+        batch_size=r.batch_size or 8, min_words=r.min_words, max_words=r.max_words or 128, seed=r.seed,
+        do_sample=r.sample, temperature=r.temperature, top_p=r.top_p, retries=r.retries, instruction=r.instruction,
     )
     if args.csv:
-        n = rc.recaption_csv(args.csv, args.out, caption_col=args.caption_col, out_col=args.out_col,
+        n = rc.recaption_csv(args.csv, args.out, caption_col=r.caption_col, out_col=r.out_col,
                              overwrite=args.overwrite)
         print(f"recaptioned {n} rows -> {args.out}", file=sys.stderr)
         return 0
@@ -352,9 +376,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     longs = rc.recaption(shorts)
     flagged = [s for s, st in zip(shorts, rc.last_status, strict=True) if st == "too_short"]
     if flagged:
-        print(f"{len(flagged)} long prompt(s) stayed under --min-words after {args.retries} retries (kept, not "
+        print(f"{len(flagged)} long prompt(s) stayed under recaption.min_words after {r.retries} retries (kept, not "
               f"padded), e.g. {flagged[:3]}", file=sys.stderr)
-    merged = [merge_prompt(s, lng, args.mode) for s, lng in zip(shorts, longs, strict=True)]
+    merged = [merge_prompt(s, lng, r.prompt_mode) for s, lng in zip(shorts, longs, strict=True)]
     if args.out.lower().endswith(".jsonl"):
         def write(f):
             for s, lng, m in zip(shorts, longs, merged, strict=True):

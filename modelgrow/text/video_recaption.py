@@ -1,13 +1,13 @@
 """Video recaptioning with a local vision-language model (the paper's appendix C: long training captions
 generated *from the videos* by LLaVA-NeXT with the Fig. 9 instruction).
 
-    modelgrow recaption --videos manifest.csv --vlm DIR --out out.csv [--num-frames 8] [--batch-size 4] ...
+    modelgrow recaption --videos manifest.csv --vlm DIR --out out.csv [--recaption.num_frames 8] [--recaption.batch_size 4]
 
 Input: a CSV manifest (``path`` column, relative paths resolve against the manifest's directory; any other
-columns are kept). Videos and images may be mixed; ``num_frames`` evenly spaced frames are read with the project's
+columns are kept). Videos and images may be mixed; ``recaption.num_frames`` evenly spaced frames are read with the project's
 decoders (``modelgrow.text.vlm.read_frames``).
 
-Output: the same CSV with two columns added, ``long_caption`` (``--out-col``) and ``<out-col>_status``:
+Output: the same CSV with two columns added, ``long_caption`` (``recaption.out_col``) and ``<out_col>_status``:
     ``ok``         -- the caption has ``min_words``..``max_words`` words (a longer one is cut at its last sentence
                       end that keeps >= ``min_words`` words, else after word ``max_words``);
     ``too_short``  -- still under ``min_words`` after ``retries`` seeded, sampled regenerations: the longest
@@ -20,7 +20,6 @@ reads that journal and the existing output and only processes rows that are not 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import os
@@ -166,42 +165,28 @@ def recaption_manifest(recaptioner: VideoRecaptioner, manifest: str, out: str, o
             "failures": failures}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="modelgrow recaption",
-        description="Caption videos with a local vision-language model (the paper's Fig. 9 instruction).")
-    p.add_argument("--videos", required=True, help="CSV manifest with a 'path' column (videos and/or images)")
-    p.add_argument("--vlm", required=True, help="local directory of an image/video-text-to-text model")
-    p.add_argument("--out", required=True, help="output CSV (the manifest + long caption + status columns)")
-    p.add_argument("--out-col", default="long_caption")
-    p.add_argument("--num-frames", type=int, default=8, help="evenly spaced frames per video")
-    p.add_argument("--frames-as", default="auto", choices=["auto", "images", "video"])
-    p.add_argument("--instruction", default=None, help="default: the paper's Fig. 9 instruction")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--min-words", type=int, default=35)
-    p.add_argument("--max-words", type=int, default=200)
-    p.add_argument("--max-new-tokens", type=int, default=320)
-    p.add_argument("--retries", type=int, default=2, help="sampled regenerations of too-short captions")
-    p.add_argument("--redo-flagged", action="store_true", help="also redo rows flagged too_short by an earlier run")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
+def run(args, r) -> int:
+    """``modelgrow recaption --videos M --vlm DIR --out OUT`` with the ``[recaption]`` settings ``r`` (the command
+    line is parsed by :func:`modelgrow.text.recaption.parse_args`)."""
     from .vlm import VLM
 
-    args = build_parser().parse_args(argv)
+    if not r.vlm:
+        raise ValueError("modelgrow recaption --videos: set recaption.vlm (--vlm DIR), the local vision-language model")
     if not os.path.isfile(args.videos):
         raise FileNotFoundError(f"manifest not found: {args.videos}")
-    vlm = VLM(args.vlm, device=args.device, dtype=args.dtype, num_frames=args.num_frames, frames_as=args.frames_as,
-              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
-    rc = VideoRecaptioner(vlm, args.instruction, args.min_words, args.max_words, args.retries)
-    res = recaption_manifest(rc, args.videos, args.out, args.out_col, args.redo_flagged, not args.no_progress)
+    vlm = VLM(r.vlm, device=args.device, dtype=r.dtype, num_frames=r.num_frames, frames_as=r.frames_as,
+              max_new_tokens=r.max_new_tokens or 320, batch_size=r.batch_size or 4, seed=r.seed)
+    rc = VideoRecaptioner(vlm, r.instruction, r.min_words, r.max_words or 200, r.retries)
+    res = recaption_manifest(rc, args.videos, args.out, r.out_col, args.redo_flagged, not args.no_progress)
     print(f"{args.out}: {res['rows']} rows ({res['skipped']} done before), {res['ok']} ok, "
           f"{res['too_short']} flagged too_short, {res['failed']} failed", file=sys.stderr)
     for i, path, msg in res["failures"][:20]:
         print(f"  row {i + 2} {path}: {msg}", file=sys.stderr)
     return 1 if res["failed"] else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``modelgrow recaption --videos ...`` (the same command line as :func:`modelgrow.text.recaption.main`)."""
+    from .recaption import main as recaption_main
+
+    return recaption_main(argv)

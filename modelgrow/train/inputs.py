@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from ..data.batch import collate
+
 
 class RandomLatentLoader:
-    """Yields ``{"latent", "y", "mask"[, "y_llm", "llm_mask"], "index"}`` batches forever; sample i of the
+    """Yields latent batches ``{"latent", "y", "mask"[, "y_llm", "llm_mask"], "index"}`` forever; sample i of the
     stream is the same in every run. ``state_dict()``/``load_state_dict()`` give the position (resume without
     repeating); ``rank``/``world_size`` shard the stream."""
 
@@ -19,11 +21,12 @@ class RandomLatentLoader:
         self.position = 0  # batches consumed by this rank
 
     def _sample(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index`` of the stream, a latent sample of the batch schema (:mod:`modelgrow.data.batch`)."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         L, C = self.caption
         n = int(torch.randint(1, L + 1, (1,), generator=g))
         out = {"latent": torch.randn(self.latent_shape, generator=g), "y": torch.randn(1, L, C, generator=g),
-               "mask": (torch.arange(L) < n).long()}
+               "mask": (torch.arange(L) < n).long(), "index": index}
         if self.llm is not None:
             Ll, Cl = self.llm
             m = int(torch.randint(1, Ll + 1, (1,), generator=g))
@@ -33,9 +36,8 @@ class RandomLatentLoader:
     def __iter__(self):
         while True:
             first = (self.position * self.world_size + self.rank) * self.batch_size
-            samples = [self._sample(first + j) for j in range(self.batch_size)]
-            batch = {k: torch.stack([s[k] for s in samples]).to(self.device) for k in samples[0]}
-            batch["index"] = torch.arange(first, first + self.batch_size)
+            batch = collate([self._sample(first + j) for j in range(self.batch_size)])
+            batch = {k: v.to(self.device) if torch.is_tensor(v) and k != "index" else v for k, v in batch.items()}
             self.position += 1
             yield batch
 

@@ -17,15 +17,17 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..config import Config, config_to_dict, save_config
+from ..data.encode import Encoders, encode_latents, encode_text
 from ..diffusion import IDDPM
 from ..grow import add_llm_condition, expand, freeze_original_blocks
 from ..models import STDiT, from_pretrained, load_checkpoint
@@ -86,33 +88,6 @@ def build_model(cfg: Config) -> STDiT:
         if grow.train_new_only:
             freeze_original_blocks(model)
     return model.train()
-
-
-class Encoders:
-    """Raw video batches -> latents and text states, with the frozen VAE / T5 / LLM of ``[data]``."""
-
-    def __init__(self, cfg: Config, device: torch.device, has_llm: bool):
-        from ..text import LLMEncoder, T5Encoder
-        from ..vae import VideoVAE
-
-        d = cfg.data
-        if not (d.vae and d.t5):
-            raise ValueError("training from raw videos needs data.vae and data.t5 (local dirs), or use data.cache_dir")
-        if has_llm and not d.llm:
-            raise ValueError("the model has an LLM condition: set data.llm (a local causal LM dir)")
-        self.vae = VideoVAE.from_pretrained(d.vae, device=device)
-        self.t5 = T5Encoder(d.t5, max_length=cfg.model.stdit_kwargs()["model_max_length"], device=device)
-        self.llm = (LLMEncoder(d.llm, max_length=cfg.grow.llm_max_length, layer=d.llm_layer,
-                               use_template=d.llm_use_template, device=device) if has_llm else None)
-
-    @torch.no_grad()
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        latent = self.vae.encode(batch["video"].to(self.vae.dtype))
-        y, mask = self.t5.encode(batch["prompt"])
-        out = {"latent": latent.float(), "y": y, "mask": mask}
-        if self.llm is not None:
-            out["y_llm"], out["llm_mask"] = self.llm.encode(batch["prompt"])
-        return out
 
 
 # the held-out loss: the demo's 8 timesteps, and noise keyed on (held-out clip, timestep) alone
@@ -185,10 +160,10 @@ class Validator:
         tr, cfg = self.tr, self.tr.cfg
         n_loss = cfg.train.val_batches * cfg.train.batch_size
         if cfg.data.val_cache_dir:
-            from ..data.cache import CachedDataset
+            from ..data.cache.dataset import CachedDataset
 
             ds = CachedDataset(cfg.data.val_cache_dir)
-            ds.check_compatible(cfg)
+            ds.check_compatible(cfg, key="data.val_cache_dir")
             clips = [ds.get(k) for k in range(min(n_loss, len(ds)))]
             prompts = [{k: v for k, v in ds.get(k).items() if k != "latent"} for k in range(min(cfg.train.val_samples, len(ds)))]
             source = f"data.val_cache_dir = {cfg.data.val_cache_dir}"
@@ -212,20 +187,20 @@ class Validator:
                    f"timesteps ({source}), {len(prompts)} sampled prompts, weights {cfg.train.val_weights}")
 
     def _load_vae(self):
-        from ..vae import VideoVAE
+        from ..data.encode import load_encoder
 
         if self.tr.encoders is not None:
             return self.tr.encoders.vae
-        return VideoVAE.from_pretrained(self.tr.cfg.data.vae, device=self.tr.device)
+        return load_encoder("vae", self.tr.cfg, self.tr.device, self.tr.data)
 
     @torch.no_grad()
     def _from_manifest(self, n_loss: int, n_prompts: int) -> tuple[list[dict], list[dict]]:
-        from ..data.loader import VideoDataset
+        from ..data.videos import VideoDataset
         from ..text.prompts import merge_prompt
 
-        tr, d = self.tr, self.tr.cfg.data
+        tr, d = self.tr, self.tr.data  # [data] resolved: the training cache's clip settings when training from one
         if tr.encoders is None:
-            enc = Encoders(tr.cfg, tr.device, tr.has_llm)
+            enc = Encoders.from_config(tr.cfg, tr.device, tr.has_llm, data=d)
             if d.manifest and not d.cache_dir:  # the run trains from raw videos too: one set of encoders
                 tr.encoders = enc
         else:
@@ -234,27 +209,18 @@ class Validator:
                           decoder=d.decoder, prompt_mode=d.prompt_mode, deterministic=True,
                           device_id=int(os.environ.get("LOCAL_RANK", "0")))
 
-        def text(prompts: list[str]) -> list[dict[str, Any]]:
-            y, mask = enc.t5.encode(prompts)
-            out = [{"y": y[i].float().cpu(), "mask": mask[i].long().cpu(), "prompt": p} for i, p in enumerate(prompts)]
-            if enc.llm is not None:
-                y_llm, llm_mask = enc.llm.encode(prompts)
-                for i, o in enumerate(out):
-                    o |= {"y_llm": y_llm[i].float().cpu(), "llm_mask": llm_mask[i].long().cpu()}
-            return out
+        def text(prompts: list[str]) -> list[dict[str, Any]]:  # per-sample text states of the batch schema
+            states = encode_text(enc.t5, enc.llm, prompts)
+            return [{**{k: v[i].float().cpu() if k.startswith("y") else v[i].long().cpu() for k, v in states.items()},
+                     "prompt": p} for i, p in enumerate(prompts)]
 
         clips, B = [], tr.cfg.train.batch_size
         n = min(n_loss, len(ds))
-        keep, enc.vae.sample_posterior = enc.vae.sample_posterior, False  # the posterior mode, as the cache
-        try:
-            for start in range(0, n, B):
-                items = [ds.load(k) for k in range(start, min(start + B, n))]
-                video = torch.stack([it["video"] for it in items]).to(tr.device, enc.vae.dtype)
-                latent = enc.vae.encode(video).float().cpu()
-                for i, o in enumerate(text([it["prompt"] for it in items])):
-                    clips.append({"latent": latent[i], "index": items[i]["index"], **o})
-        finally:
-            enc.vae.sample_posterior = keep
+        for start in range(0, n, B):
+            items = [ds.load(k) for k in range(start, min(start + B, n))]
+            latent = encode_latents(enc.vae, torch.stack([it["video"] for it in items]), "mode").cpu()  # as the cache
+            for i, o in enumerate(text([it["prompt"] for it in items])):
+                clips.append({"latent": latent[i], "index": items[i]["index"], **o})
         recs = [ds.manifest[k] for k in range(min(n_prompts, len(ds)))]
         prompts = text([merge_prompt(r.caption, r.long_caption, d.prompt_mode) for r in recs]) if recs else []
         if tr.cfg.train.val_samples and tr.rank == 0:
@@ -427,9 +393,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.device)
         self.has_llm = hasattr(self.model, "llm_embedder")
-        self.applied = parallelize(self.model, cfg.parallel, self.world)
-        if self.world > 1 and cfg.parallel.fsdp:
-            self.model.dtype = torch.float32 if cfg.parallel.param_dtype == "float32" else torch.bfloat16
+        # dtypes (train.param_dtype / compute_dtype), activation checkpointing, compile, FSDP2: all in parallelize()
+        self.applied = parallelize(self.model, cfg.parallel, self.world, param_dtype=cfg.train.param_dtype,
+                                   compute_dtype=cfg.train.compute_dtype)
         torch.manual_seed(cfg.train.seed + 1000 * self.rank + 1)  # per-rank stream for anything else random
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, cfg.optim, self.device)
@@ -443,6 +409,7 @@ class Trainer:
         self.val_history: list[dict[str, Any]] = []
         self.sinks: MetricSinks | None = None
         self.diffusion = IDDPM(timestep_respacing="")
+        self.data = self._data_settings()  # [data] resolved (a cache's settings where the run trains from one)
         self.loader = loader if loader is not None else self._default_loader()
         self.encoders: Encoders | None = None
         self.step = 0
@@ -463,23 +430,30 @@ class Trainer:
             self._overwrite = True
 
     # --------------------------------------------------------------------------------------------------
+    def _data_settings(self):
+        from ..data.loader import resolve_data  # the manifest / cache loaders (modelgrow.data)
+
+        return resolve_data(self.cfg)
+
     def _default_loader(self):
-        from ..data import build_loader  # the manifest / cache loaders (modelgrow.data)
+        from ..data.loader import build_loader
 
         return build_loader(self.cfg, rank=self.rank, world_size=self.world)
 
     def _autocast(self):
-        mp = self.cfg.train.mixed_precision
-        if mp == "fp32" or (self.world > 1 and self.cfg.parallel.fsdp):  # FSDP2 casts by its policy
+        """The forward's precision context: autocast to train.compute_dtype in one process; nothing under FSDP2
+        (its MixedPrecisionPolicy casts, see parallelize) or in float32."""
+        compute = self.cfg.train.compute_dtype
+        if compute == "float32" or self.applied.get("fsdp"):
             return nullcontext()
-        if mp == "fp16" and self.device.type == "cpu":
-            raise ValueError("train.mixed_precision = fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-        return torch.autocast(self.device.type, dtype=torch.bfloat16 if mp == "bf16" else torch.float16)
+        if compute == "float16" and self.device.type == "cpu":
+            raise ValueError("train.compute_dtype = float16 needs a CUDA device; use bfloat16 or float32 on CPU")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if compute == "bfloat16" else torch.float16)
 
     def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
         if "latent" not in batch:
             if self.encoders is None:
-                self.encoders = Encoders(self.cfg, self.device, self.has_llm)
+                self.encoders = Encoders.from_config(self.cfg, self.device, self.has_llm, data=self.data)
             batch = self.encoders(batch)
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -730,7 +704,8 @@ class Trainer:
         old = meta.get("config")
         if not old:
             return {}
-        applied, refused = _resume_diff(_resolve_model_sizes(old), _resolve_model_sizes(config_to_dict(self.cfg)))
+        old, new = _resolve_saved(old), _resolve_saved(config_to_dict(self.cfg))
+        applied, refused = _resume_diff(old, new, cache_fixed=bool(self.cfg.data.cache_dir))
         if refused:
             lines = "\n".join(f"  {k}: checkpoint {a!r} -> now {b!r}" for k, (a, b) in refused.items())
             raise ValueError(
@@ -747,25 +722,45 @@ class Trainer:
             g.update(initial_lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         sch = self.scheduler
         sch.base_lrs = [o.lr] * len(self.optimizer.param_groups)
-        lrs = [base * fn(sch.last_epoch) for base, fn in zip(sch.base_lrs, sch.lr_lambdas)]
-        for g, lr in zip(self.optimizer.param_groups, lrs):
+        lrs = [base * fn(sch.last_epoch) for base, fn in zip(sch.base_lrs, sch.lr_lambdas, strict=True)]
+        for g, lr in zip(self.optimizer.param_groups, lrs, strict=True):
             g["lr"] = lr
         sch._last_lr = lrs
 
 
 # keys that may differ from the checkpoint's run on resume: bookkeeping and sharding (no effect on the math) ...
-RESUME_FREE = ("train.steps", "train.log_every", "train.output_dir", "checkpoint.", "parallel.", "sample.",
-               "data.num_workers", "data.decoder", "data.max_fail_fraction", "model.from_pretrained",
+RESUME_FREE = ("train.steps", "train.log_every", "train.output_dir", "checkpoint.", "parallel.", "sample.", "cache.",
+               "recaption.", "data.num_workers", "data.decoder", "data.max_fail_fraction", "model.from_pretrained",
                "train.val_", "data.val_", "train.wandb", "train.run_name")
 # ... and hyper-parameters that take effect from the next step (applied to the restored optimizer / scheduler / EMA)
 RESUME_APPLIED = ("optim.", "train.ema_")
+
+
+def _resolve_saved(cfg: dict) -> dict:
+    """A saved config dict (``meta.json``, any version) in today's keys (replaced keys read as their new ones),
+    with the model sizes and the unset ``[data]`` settings resolved to what they mean."""
+    import warnings
+
+    from ..config import DATA_DEFAULTS, ConfigError, config_from_dict
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            cfg = config_to_dict(config_from_dict(cfg))
+    except ConfigError:  # a config this version cannot read: compare it as it is
+        cfg = dict(cfg)
+    data = dict(cfg.get("data") or {})
+    for key, default in DATA_DEFAULTS.items():
+        if data.get(key) is None:
+            data[key] = list(default) if isinstance(default, tuple) else default
+    return _resolve_model_sizes({**cfg, "data": data})
 
 
 def _resolve_model_sizes(cfg: dict) -> dict:
     """A saved config dict with the model sizes an unset key resolves to (the preset's, else the fallback):
     a run saved with input_size = [16, 32, 32] and one that leaves it to the same preset are the same model."""
     from ..config import MODEL_SIZE_FALLBACKS
-    from ..models.zoo import PRESETS
+    from ..models.presets import PRESETS
 
     model = dict(cfg.get("model") or {})
     preset = PRESETS.get(model.get("preset"), {})
@@ -775,8 +770,13 @@ def _resolve_model_sizes(cfg: dict) -> dict:
     return {**cfg, "model": model}
 
 
-def _resume_diff(old: dict, new: dict) -> tuple[dict, dict]:
-    """(applied, refused) {dotted key: (old, new)} between a checkpoint's config and the current one."""
+def _resume_diff(old: dict, new: dict, cache_fixed: bool = False) -> tuple[dict, dict]:
+    """(applied, refused) {dotted key: (old, new)} between a checkpoint's config and the current one.
+    ``cache_fixed``: the run trains from a cache (``data.cache_dir``, itself compared): the ``[data]`` settings the
+    cache fixes are checked against the cache, not against the old config."""
+    from ..data.cache.format import CACHE_FIXED
+
+    skip = {f"data.{k}" for k in CACHE_FIXED} if cache_fixed else set()
     applied, refused = {}, {}
     norm = lambda v: json.loads(json.dumps(v))  # noqa: E731 - tuples vs lists, as saved in meta.json
     for section in sorted(set(old) | set(new)):
@@ -784,7 +784,7 @@ def _resume_diff(old: dict, new: dict) -> tuple[dict, dict]:
         for key in sorted(set(o) | set(n)):
             a, b = norm(o.get(key)), norm(n.get(key))
             dotted = f"{section}.{key}"
-            if a == b or dotted.startswith(RESUME_FREE) or dotted in RESUME_FREE:
+            if a == b or dotted.startswith(RESUME_FREE) or dotted in RESUME_FREE or dotted in skip:
                 continue
             (applied if dotted.startswith(RESUME_APPLIED) else refused)[dotted] = (a, b)
     return applied, refused
