@@ -1,94 +1,72 @@
-"""``modelgrow demo``: the whole method, end to end, on a laptop-sized CPU machine with nothing downloaded.
+"""``modelgrow demo``: the paper's method end to end on a 2-core CPU machine with nothing downloaded, starting,
+as a ModelGrow user does, from a released pre-trained base model (the base bundle shipped in
+``modelgrow/assets/demo_base``; ``modelgrow demo --pretrain-base`` rebuilds it).
 
-Stages (each writes ``<out>/<stage>/DONE`` and is skipped when re-run):
- 1. data       synthetic clips of moving shapes: domain A (pre-training) and B (new shapes, colours, motions),
-               train and held-out splits, VP9 .webm files + manifests with short and long captions
- 2. encoders   a tiny T5 (SentencePiece trained on the captions) and a tiny Llama with the real Llama
-               tokenizer shipped in mistral-common, both random-weight transformers built from configs
- 3. vae        a tiny diffusers AutoencoderTiny (TAESD layout, 4x downsampling) trained on the synthetic frames
-               (a random VAE would turn every generated video into noise whatever the DiT learned); latents
-               standardised by the saved shift/scaling factors; its held-out PSNR goes in the report
- 4. cache      VAE latents + T5 + LLM states of every split (modelgrow.data.cache)
- 5. pretrain   a tiny STDiT trained on A with short prompts (modelgrow.train.Trainer)
- 6. grow       insert expansion k = 1 + the LLM condition; function preservation checked on the spot
- 7. continual  continual pre-training of the grown model on B with SL prompts (short + long)
- 8. evaluate   held-out denoising loss on A and B before/after; semantic score (a trained classifier of
-               shape / colour / direction) of videos sampled with two-condition guidance
- 9. report     report.md, loss curves, mp4 + keyframe contact sheets per prompt
+Stages of ``modelgrow demo`` (each writes ``<out>/<stage>/DONE`` and is skipped when re-run):
+ 1. data       synthetic clips of moving shapes: domain A (what the base knows) and B (new shapes, colours,
+               motions, backgrounds), train and held-out splits, VP9 .webm + manifests with short and long captions
+ 2. encoders   a tiny Llama (random weights, the real Llama tokenizer shipped in mistral-common) for the LLM condition
+ 3. base       the base bundle, checked against this run's sizes (its VAE, T5 and evaluator are used throughout)
+ 4. cache      VAE latents + T5 + LLM states of B's training clips and of both held-out splits
+ 5. grow       insert expansion k = 1 + the LLM condition; function preservation checked on the spot
+ 6. continual  continual pre-training of the grown model on B with SL prompts (short + long)
+ 7. evaluate   held-out denoising loss on A and B before/after; the semantic evaluator's per-attribute scores (shape,
+               colour, direction, background) and ``modelgrow evaluate``'s classical dimensions of sampled videos
+ 8. report     report.md, matplotlib plots (loss vs step of both stages, held-out loss before/after), a contact sheet
+               per model (prompt + frames + what the evaluator read), mp4s
+
+``modelgrow demo --pretrain-base`` (stages data, encoders, vae, cache, pretrain, evaluate, release) trains the tiny
+VAE on both domains' frames, builds the tiny T5, pre-trains the base STDiT on A with short prompts, scores it on
+held-out A prompts and writes the bundle (``--base-dir``) with its training log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-STAGES = ("data", "encoders", "vae", "cache", "pretrain", "grow", "continual", "evaluate", "report")
+from . import workbench as wb
+from .workbench import DEFAULT_BASE, QUICK, DemoSize
 
+STAGES = ("data", "encoders", "base", "cache", "grow", "continual", "evaluate", "report")
+BASE_STAGES = ("data", "encoders", "vae", "cache", "pretrain", "evaluate", "release")
+ATTRS = ("shape", "color", "direction", "background")
 
-@dataclass
-class DemoSize:
-    """The demo's sizes and training recipe. Why this recipe (issue 14, measured on 2 CPU cores): with 4x4
-    latent patches (64 values per token) the tiny DiT does not learn eps at high noise in a CPU budget and its
-    samples blow up (latent std ~30); with 2x2 patches it does. Which frame a token is in (the motion) is
-    learned last, from mid/high-noise timesteps: with logit-normal timesteps (60% of the draws in t = 300..700)
-    1600 steps memorise one clip's motion (tests/test_memorise.py), with Open-Sora's uniform ones they do not.
-    A high learning rate with warm-up and a cosine decay, and a short EMA (0.99), make the most of few steps.
-    At this budget (9.7 minutes on 2 cores, one thread) the samples get backgrounds and colours, not yet shapes and
-    motion: see the report's semantic scores."""
-
-    n_train: int = 160  # clips per domain
-    n_heldout: int = 16
-    frames: int = 4
-    size: int = 32
-    vae_steps: int = 600
-    vae_lr: float = 3e-3
-    vae_channels: tuple[int, ...] = (32, 32, 32)  # 4x spatial downsampling
-    patch: int = 2  # DiT spatial patch on the latent: a token covers 8x8 pixels
-    depth: int = 4
-    hidden: int = 128
-    heads: int = 4
-    t5_tokens: int = 48
-    llm_tokens: int = 48
-    batch: int = 16
-    pretrain_steps: int = 1500
-    continual_steps: int = 600
-    lr: float = 2e-3
-    continual_lr: float = 1e-3
-    warmup_steps: int = 100  # linear warm-up, then a cosine decay to min_lr_ratio * lr
-    min_lr_ratio: float = 0.05
-    ema_decay: float = 0.99
-    timestep_sampling: str = "logit_normal"
-    sampler: str = "iddpm"  # measured on the demo's models: IDDPM-100 scores above DDIM-25 (base A 0.46 vs 0.38)
-    sample_steps: int = 100
-    sample_prompts: int = 8  # per domain
-    classifier_train: int = 512
-    classifier_steps: int = 300
-
-
-QUICK = DemoSize(n_train=8, n_heldout=4, frames=4, size=32, vae_steps=4, vae_channels=(8, 8, 8), depth=2, hidden=32,
-                 heads=2, t5_tokens=16, llm_tokens=16, batch=4, pretrain_steps=3, continual_steps=3, warmup_steps=1,
-                 sample_steps=2, sample_prompts=1, classifier_train=32, classifier_steps=5)
+__all__ = ["Demo", "STAGES", "BASE_STAGES", "DemoSize", "QUICK", "main", "read_curves", "loss_plot", "heldout_plot",
+           "contact_sheet"]
 
 
 class Demo:
-    def __init__(self, out: Path, size: DemoSize, log=print):
-        self.out, self.size, self.log = Path(out), size, log
+    """Runs the stages of the demo (``build_base=False``, continual pre-training from the bundle at ``base_dir``)
+    or of the base bundle (``build_base=True``, written to ``base_dir`` by the release stage)."""
+
+    def __init__(self, out: Path, size: DemoSize, base_dir: Path = DEFAULT_BASE, build_base: bool = False, log=print):
+        self.build_base, self.base_dir = build_base, Path(base_dir)
+        self.ws = wb.Workspace(out, size, base_dir=None if build_base else self.base_dir)
+        self.size, self.log = size, log
         self.timings: dict[str, float] = {}
-        self.out.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return BASE_STAGES if self.build_base else STAGES
 
     def path(self, *parts: str) -> Path:
-        return self.out.joinpath(*parts)
+        return self.ws.path(*parts)
 
-    def run(self, stages=STAGES) -> Path:
+    def run(self, stages=None) -> Path:
+        stages = tuple(stages or self.stages)
+        unknown = [s for s in stages if s not in self.stages]
+        if unknown:
+            raise SystemExit(f"unknown stage(s) {unknown}; the stages are {', '.join(self.stages)}")
+        t_all = time.perf_counter()
         for name in stages:
             marker = self.path(name, "DONE")
             if marker.exists():
@@ -102,154 +80,53 @@ class Demo:
             self.timings[name] = time.perf_counter() - t0
             marker.write_text(json.dumps({"seconds": self.timings[name], **info}, indent=2))
             self.log(f"[{name}] {self.timings[name]:.1f} s")
-        return self.path("report.md")
+        self.log(f"[demo] {time.perf_counter() - t_all:.1f} s in all")
+        return self.base_dir / "base.json" if self.build_base else self.path("report.md")
 
-    def _progress(self, iterable, desc: str):
+    def _progress(self, desc: str):
         from tqdm.auto import tqdm
 
-        return tqdm(iterable, desc=f"[{desc}]", leave=False, disable=self.log is None or not sys.stderr.isatty())
+        return lambda it: tqdm(it, desc=f"[{desc}]", leave=False, disable=not sys.stderr.isatty())
 
     def info(self, stage: str) -> dict:
         return json.loads(self.path(stage, "DONE").read_text())
 
-    # -- 1 --------------------------------------------------------------------------------------------
+    def _log_indented(self, line: str) -> None:
+        self.log(f"  {line}")
+
+    # -- stages ---------------------------------------------------------------------------------------
     def stage_data(self):
-        from .data.synthetic import generate
+        wb.make_data(self.ws)
 
-        s = self.size
-        for domain in ("A", "B"):
-            for split, n, seed in (("train", s.n_train, 0), ("heldout", s.n_heldout, 1)):
-                generate(self.path("data", f"{domain}_{split}"), domain, split, n=n, num_frames=s.frames, height=s.size,
-                         width=s.size, codec="webm", seed=seed, progress=False)
-
-    def manifest(self, domain: str, split: str) -> Path:
-        return self.path("data", f"{domain}_{split}", "manifest.csv")
-
-    # -- 2 --------------------------------------------------------------------------------------------
     def stage_encoders(self):
-        from .data.synthetic import read_manifest
-        from .text.tiny import build_tiny_llama, build_tiny_t5
-
-        corpus = [r[k] for d in ("A", "B") for r in read_manifest(self.manifest(d, "train")) for k in ("caption", "long_caption")]
-        build_tiny_t5(str(self.path("encoders", "t5")), vocab_size=300, d_model=32, corpus=corpus)
-        build_tiny_llama(str(self.path("encoders", "llm")), hidden_size=32)
-        return {"t5": "tiny random T5 (d_model 32), SentencePiece trained on the captions",
-                "llm": "tiny random Llama (hidden 32), real Llama SentencePiece tokenizer from mistral-common"}
-
-    # -- 3 --------------------------------------------------------------------------------------------
-    def _frames(self, domain_split: list[tuple[str, str]]) -> torch.Tensor:
-        from .data.synthetic import read_manifest
-        from .video_io import read_video
-
-        frames = []
-        for d, sp in domain_split:
-            root = self.manifest(d, sp).parent
-            for r in read_manifest(self.manifest(d, sp)):
-                v, _ = read_video(root / r["path"])
-                frames.append(torch.from_numpy(v))
-        x = torch.cat(frames).permute(0, 3, 1, 2).float() / 127.5 - 1  # [N, 3, H, W] in [-1, 1]
-        return x
+        return {"t5": wb.build_t5(self.ws)} if self.build_base else {"llm": wb.build_llm(self.ws)}
 
     def stage_vae(self):
-        """Train a tiny diffusers ``AutoencoderTiny`` (TAESD layout, 4x spatial downsampling) on the training frames.
-        A tiny ``AutoencoderKL`` was tried first and does not learn these flat-coloured frames in a CPU budget: its
-        GroupNorm layers normalise a uniform background away, so backgrounds and object colours came back wrong
-        (held-out PSNR 20 dB, the semantic classifier at chance on colour). Latents are standardised like SD's:
-        ``shift_factor`` / ``scaling_factor`` (mean, 1/std of the training latents) go into the saved config."""
-        from diffusers import AutoencoderTiny
+        return wb.train_vae(self.ws, progress=self._progress("vae"))
 
-        s = self.size
-        torch.manual_seed(0)
-        ch = s.vae_channels
-        vae = AutoencoderTiny(encoder_block_out_channels=ch, decoder_block_out_channels=ch[::-1],
-                              num_encoder_blocks=(1,) * len(ch), num_decoder_blocks=(1,) * len(ch))
-        train = self._frames([("A", "train"), ("B", "train")])
-        opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=s.vae_lr, total_steps=max(s.vae_steps, 1), pct_start=0.1)
-        g = torch.Generator().manual_seed(0)
-        losses = []
-        for _ in self._progress(range(s.vae_steps), "vae"):
-            batch = train[torch.randint(0, len(train), (16,), generator=g)]
-            loss = (vae.decode(vae.encode(batch).latents).sample - batch).square().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-        vae.eval()
-        with torch.no_grad():
-            z = torch.cat([vae.encode(train[i : i + 64]).latents for i in range(0, len(train), 64)])
-            shift, scale = z.mean().item(), 1.0 / max(z.std().item(), 1e-6)
-            vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-            held = self._frames([("A", "heldout"), ("B", "heldout")])[:128]
-            rec = vae.decode(vae.encode(held).latents).sample.clamp(-1, 1)
-        vae.save_pretrained(self.path("vae", "model"))
-        mse = ((rec - held) / 2).square().mean().item()
-        return {"psnr_heldout_db": 10 * math.log10(1 / max(mse, 1e-12)), "final_loss": losses[-1], "steps": s.vae_steps,
-                "shift_factor": shift, "scaling_factor": scale}
+    def stage_base(self):
+        info = wb.check_base(self.base_dir, self.size)
+        return {"base_dir": str(self.base_dir), "base": info}
 
-    # -- 4 --------------------------------------------------------------------------------------------
     def stage_cache(self):
-        from .data.cache import build_cache
-        from .text import LLMEncoder, T5Encoder
-        from .vae import VideoVAE
-
-        s = self.size
-        vae = VideoVAE.from_pretrained(self.path("vae", "model"), micro_batch_size=32)
-        t5 = T5Encoder(str(self.path("encoders", "t5")), max_length=s.t5_tokens, device="cpu")
-        llm = LLMEncoder(str(self.path("encoders", "llm")), max_length=s.llm_tokens, device="cpu")
-        for d in ("A", "B"):
-            for sp in ("train", "heldout"):
-                for mode in ("S", "SL"):
-                    build_cache(self.manifest(d, sp), self.cache(d, sp, mode), vae=vae, t5=t5, llm=llm,
-                                num_frames=s.frames, frame_interval=1, image_size=(s.size, s.size), prompt_mode=mode,
-                                batch_size=16, shard_size=256, device="cpu")
-
-    def cache(self, domain: str, split: str, mode: str) -> Path:
-        return self.path("cache", f"{domain}_{split}_{mode}")
-
-    # -- 5 / 7 ----------------------------------------------------------------------------------------
-    def _config(self, out: Path, steps: int, lr: float, cache: Path, extra: list[str]):
-        from .config import load_config
-
-        s = self.size
-        lat = s.size // 2 ** (len(s.vae_channels) - 1)
-        return load_config(None, [
-            "--model.preset", "STDiT-tiny", "--model.depth", str(s.depth), "--model.hidden_size", str(s.hidden),
-            "--model.num_heads", str(s.heads), "--model.input_size", f"{s.frames},{lat},{lat}",
-            "--model.patch_size", f"1,{s.patch},{s.patch}",
-            "--model.caption_channels", "32", "--model.model_max_length", str(s.t5_tokens), "--model.space_scale", "1.0",
-            "--data.cache_dir", str(cache), "--data.t5", str(self.path("encoders", "t5")),
-            "--data.llm", str(self.path("encoders", "llm")), "--data.vae", str(self.path("vae", "model")),
-            "--train.steps", str(steps), "--train.batch_size", str(s.batch), "--train.output_dir", str(out),
-            "--train.log_every", str(max(1, steps // 20)), "--train.mixed_precision", "fp32",
-            "--train.ema_decay", str(s.ema_decay), "--train.timestep_sampling", s.timestep_sampling,
-            "--optim.lr", str(lr), "--optim.warmup_steps", str(s.warmup_steps),
-            "--optim.decay_steps", str(max(steps - s.warmup_steps, 0)), "--optim.min_lr_ratio", str(s.min_lr_ratio),
-            "--checkpoint.every_steps", str(steps), "--grow.llm_channels", "32",
-            "--grow.llm_max_length", str(s.llm_tokens), *extra])
-
-    def _train(self, stage: str, cfg) -> dict:
-        from .train import Trainer
-        from .train.checkpoint import latest_checkpoint
-        from .train.export import export_checkpoint
-
-        trainer = Trainer(cfg, log=lambda line: self.log(f"  {line}"))
-        history = trainer.fit()
-        export_checkpoint(latest_checkpoint(Path(cfg.train.output_dir) / "checkpoints"), self.path(stage, "model"), "ema")
-        return {"losses": [(m["step"], m["loss"]) for m in history], "params": sum(p.numel() for p in trainer.model.parameters())}
+        if self.build_base:
+            wb.build_caches(self.ws, [("A", "train", "S"), ("A", "heldout", "S")], llm=False)
+        else:
+            wb.build_caches(self.ws, [("B", "train", "SL"), *[(d, "heldout", m) for d in "AB" for m in ("S", "SL")]])
 
     def stage_pretrain(self):
-        cfg = self._config(self.path("pretrain", "run"), self.size.pretrain_steps, self.size.lr, self.cache("A", "train", "S"), [])
-        return self._train("pretrain", cfg)
+        s = self.size
+        cfg = wb.train_config(self.ws, self.path("pretrain", "run"), s.pretrain_steps, s.lr, self.ws.cache("A", "train", "S"),
+                              val_cache=self.ws.cache("A", "heldout", "S"))
+        return wb.train_and_export(cfg, self.path("pretrain", "model"), log=self._log_indented)
 
     def stage_grow(self):
         from .grow import add_llm_condition, expand
         from .models import count_parameters, from_pretrained, save_pretrained
 
-        base = from_pretrained(self.path("pretrain", "model"))
+        base = from_pretrained(self.ws.base_model_dir)
         grown = add_llm_condition(expand(base, "insert", 1), 32, self.size.llm_tokens)
-        batch = self._eval_batch("A", "SL")
+        batch = wb.heldout_batch(self.ws.cache("A", "heldout", "SL"))
         t = torch.linspace(0, 999, batch["latent"].shape[0]).round()
         with torch.no_grad():
             before = base(batch["latent"], t, batch["y"], batch["mask"])
@@ -259,185 +136,261 @@ class Demo:
                 "max_abs_diff": (after - before).abs().max().item()}
 
     def stage_continual(self):
-        cfg = self._config(self.path("continual", "run"), self.size.continual_steps, self.size.continual_lr,
-                           self.cache("B", "train", "SL"),
-                           ["--train.mode", "expand", "--grow.llm", "true", "--checkpoint.load_weights", str(self.path("grow", "model"))])
-        return self._train("continual", cfg)
-
-    # -- 8 --------------------------------------------------------------------------------------------
-    def _eval_batch(self, domain: str, mode: str, cache: Path | None = None) -> dict:
-        from .data.cache import CachedDataset, CachedLoader
-
-        ds = CachedDataset(cache or self.cache(domain, "heldout", mode))
-        loader = CachedLoader(ds, len(ds), shuffle=False)
-        return next(iter(loader))
-
-    @torch.no_grad()
-    def heldout_loss(self, model, domain: str, mode: str, llm: bool, cache: Path | None = None) -> float:
-        """Mean IDDPM loss over the held-out clips at 8 fixed timesteps with fixed noise (same for every model)."""
-        from .diffusion import IDDPM
-
-        diffusion = IDDPM(timestep_respacing="")
-        b = self._eval_batch(domain, mode, cache)
-        x0 = b["latent"].float()
-        losses = []
-        for k, tv in enumerate(np.linspace(50, 950, 8).round().astype(int)):
-            g = torch.Generator().manual_seed(1000 + k)
-            noise = torch.randn(x0.shape, generator=g)
-            t = torch.full((x0.shape[0],), int(tv), dtype=torch.long)
-            kw = {"y": b["y"], "mask": b["mask"]}
-            if llm:
-                kw |= {"y_llm": b["y_llm"], "llm_mask": b["llm_mask"]}
-            losses.append(diffusion.training_losses(model, x0, t, model_kwargs=kw, noise=noise)["loss"].mean().item())
-        return float(np.mean(losses))
-
-    def _pipeline(self, model_dir: Path, llm: bool):
-        from .models import from_pretrained
-        from .pipeline import ModelGrowPipeline
-        from .text import LLMEncoder, T5Encoder
-        from .vae import VideoVAE
-
         s = self.size
-        return ModelGrowPipeline(
-            from_pretrained(model_dir), VideoVAE.from_pretrained(self.path("vae", "model"), micro_batch_size=16),
-            T5Encoder(str(self.path("encoders", "t5")), max_length=s.t5_tokens, device="cpu"),
-            LLMEncoder(str(self.path("encoders", "llm")), max_length=s.llm_tokens, device="cpu") if llm else None,
-            config={"sampler": s.sampler, "num_inference_steps": s.sample_steps, "guidance_scale": 7.0, "llm_guidance_scale": 12.5})
+        cfg = wb.train_config(self.ws, self.path("continual", "run"), s.continual_steps, s.continual_lr,
+                              self.ws.cache("B", "train", "SL"),
+                              ["--train.mode", "expand", "--grow.llm", "true",
+                               "--checkpoint.load_weights", str(self.path("grow", "model"))],
+                              val_cache=self.ws.cache("B", "heldout", "SL"))
+        return wb.train_and_export(cfg, self.path("continual", "model"), log=self._log_indented)
+
+    def _models(self) -> list[tuple[str, Path, bool, str]]:
+        """(name, model dir, has the LLM condition, prompt mode) of the models this run evaluates."""
+        if self.build_base:
+            return [("base", self.path("pretrain", "model"), False, "S")]
+        return [("base", self.ws.base_model_dir, False, "S"), ("continual", self.path("continual", "model"), True, "SL")]
 
     def stage_evaluate(self):
-        from .data.synthetic import heldout_prompts
-        from .evaluate.semantic import train_classifier
+        from .evaluate.run import evaluate_videos, write_report
         from .models import from_pretrained
-        from .video_io import keyframe_strip, write_png, write_video
+        from .video_io import write_video
 
-        s = self.size
-        base, cont = from_pretrained(self.path("pretrain", "model")), from_pretrained(self.path("continual", "model"))
-        losses = {
-            "base": {d: self.heldout_loss(base, d, "S", llm=False) for d in ("A", "B")},
-            "continual": {d: self.heldout_loss(cont, d, "SL", llm=True) for d in ("A", "B")},
+        domains = ("A",) if self.build_base else ("A", "B")
+        evaluator = wb.load_evaluator(self.ws)
+        losses, semantic, samples, classical = {}, {}, [], {}
+        for name, model_dir, llm, mode in self._models():
+            model = from_pretrained(model_dir)
+            losses[name] = {d: wb.heldout_loss(model, self.ws.cache(d, "heldout", mode), llm) for d in domains}
+            pipe = wb.make_pipeline(self.ws, model_dir, llm)
+            semantic[name], items = {}, []
+            for d in domains:
+                res, prompts, videos = wb.sample_and_score(self.ws, pipe, evaluator, d, mode)
+                semantic[name][d] = {k: v for k, v in res.items() if k != "predictions"}
+                for i, (p, v, pred) in enumerate(zip(prompts, videos, res["predictions"], strict=True)):
+                    rel = f"videos/{name}_{d}_{i}.mp4"
+                    write_video(self.path("evaluate", rel), v, fps=8)
+                    samples.append({"model": name, "domain": d, "prompt": p["short"], "video": rel,
+                                    "truth": {a: p[a] for a in ATTRS}, "read": pred})
+                    items.append({"video": str(self.path("evaluate", rel)), "prompt": p["short"]})
+            result = evaluate_videos(items, progress=False)  # modelgrow evaluate: the dimensions with no weights
+            write_report(result, self.path("evaluate", f"evaluation_{name}"))
+            classical[name] = result["summary"]
+        return {"heldout_loss": losses, "semantic": semantic, "samples": samples, "classical": classical,
+                "evaluator": str(self.ws.evaluator_path)}
+
+    def stage_release(self):
+        """Copy the VAE, T5, EMA model and evaluator into the bundle; write base.json, train_log.jsonl, samples.png."""
+        dst = self.base_dir
+        tmp = dst.with_name(dst.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copytree(self.ws.vae_dir, tmp / "vae")
+        shutil.copytree(self.ws.t5_dir, tmp / "t5")
+        shutil.copytree(self.path("pretrain", "model"), tmp / "model")
+        for suffix in (".safetensors", ".json"):
+            shutil.copy2(self.ws.evaluator_path.with_suffix(suffix), tmp / f"evaluator{suffix}")
+        shutil.copy2(self.path("pretrain", "run", "metrics.jsonl"), tmp / "train_log.jsonl")
+        ev, pre, vae = self.info("evaluate"), self.info("pretrain"), self.info("vae")
+        sheet = contact_sheet(self.path("evaluate"), ev["samples"], "base", title="base model, held-out A prompts")
+        sheet.savefig(tmp / "samples.png", dpi=100)
+        info = {
+            "what": "STDiT pre-trained on domain A of the synthetic world with short prompts (EMA weights), the tiny "
+                    "AutoencoderTiny and T5 it was trained with, and the semantic evaluator",
+            "command": "modelgrow demo --pretrain-base" + (" --quick" if self.size == QUICK else ""),
+            "size": json.loads(json.dumps(asdict(self.size))), "git_sha": wb.git_sha(), "torch": torch.__version__,
+            "params": pre["params"],
+            "timings_s": {k: round(v, 1) for k, v in self.timings.items()},
+            "pretrain_seconds": pre["train_seconds"], "vae": {k: vae[k] for k in ("psnr_heldout_db", "steps", "final_loss")},
+            "vae_losses": vae["losses"], "heldout_loss_A": ev["heldout_loss"]["base"]["A"],
+            "semantic_A": ev["semantic"]["base"]["A"], "classical_A": ev["classical"]["base"],
         }
-        clf = train_classifier(("A", "B"), n_train=s.classifier_train, steps=s.classifier_steps, seed=0,
-                               cache=self.path("evaluate", "classifier.safetensors"))
-        semantic, samples = {}, []
-        for name, model_dir, llm, mode in (("base", self.path("pretrain", "model"), False, "S"),
-                                           ("continual", self.path("continual", "model"), True, "SL")):
-            pipe = self._pipeline(model_dir, llm)
-            semantic[name] = {}
-            for d in ("A", "B"):
-                prompts = heldout_prompts(d, s.sample_prompts, seed=2)
-                out = pipe([p["short"] for p in prompts], long_prompt=[p["long"] for p in prompts], prompt_mode=mode,
-                           num_frames=s.frames, height=s.size, width=s.size, generator=torch.Generator().manual_seed(0),
-                           progress=False)
-                semantic[name][d] = clf.score(out.videos, prompts)
-                for i, (p, v) in enumerate(zip(prompts, out.videos)):
-                    stem = f"{name}_{d}_{i}"
-                    write_video(self.path("evaluate", "videos", f"{stem}.mp4"), v, fps=8)
-                    write_png(self.path("evaluate", "videos", f"{stem}.png"), keyframe_strip(v, n=min(4, len(v))))
-                    samples.append({"model": name, "domain": d, "prompt": p["short"], "video": f"videos/{stem}.mp4",
-                                    "keyframes": f"videos/{stem}.png"})
-        accuracy = getattr(clf, "train_info", {})
-        return {"heldout_loss": losses, "semantic": semantic, "samples": samples, "classifier": accuracy}
+        (tmp / "base.json").write_text(json.dumps(info, indent=2))
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+        total = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
+        self.log(f"  base bundle: {dst} ({total / 2**20:.1f} MiB)")
+        return {"base_dir": str(dst), "bytes": total}
 
-    # -- 9 --------------------------------------------------------------------------------------------
+    # -- report ---------------------------------------------------------------------------------------
     def stage_report(self):
-        from .video_io import write_png
+        ev, base = self.info("evaluate"), self.info("base")["base"]
+        curves = {"base pre-training on A (shipped: train_log.jsonl)": read_curves(self.base_dir / "train_log.jsonl"),
+                  "continual pre-training on B (this run)": read_curves(self.path("continual", "run", "metrics.jsonl"))}
+        loss_plot(curves).savefig(self.path("loss_curves.png"), dpi=100)
+        heldout_plot(ev["heldout_loss"]).savefig(self.path("heldout_loss.png"), dpi=100)
+        for name in ("base", "continual"):
+            contact_sheet(self.path("evaluate"), ev["samples"], name,
+                          title=f"{name}: " + ", ".join(f"{d} {ev['semantic'][name][d]['semantic_score']:.2f}" for d in "AB")
+                          ).savefig(self.path(f"contact_sheet_{name}.png"), dpi=100)
+        self.path("report.md").write_text(self.report(base))
 
-        curves = {k: self.info(k)["losses"] for k in ("pretrain", "continual")}
-        write_png(self.path("loss_curves.png"), plot_curves(curves))
-        sheet = contact_sheet(self.path("evaluate", "videos"), self.info("evaluate")["samples"])
-        if sheet is not None:
-            write_png(self.path("contact_sheet.png"), sheet)
-        self.path("report.md").write_text(self.report())
-
-    def report(self) -> str:
-        vae, grow, ev = self.info("vae"), self.info("grow"), self.info("evaluate")
+    def report(self, base: dict) -> str:
+        grow, ev, cont = self.info("grow"), self.info("evaluate"), self.info("continual")
         L, sem = ev["heldout_loss"], ev["semantic"]
-        fmt = lambda v: f"{v:.4f}"  # noqa: E731
-        score = lambda m, d: fmt(sem[m][d].get("semantic_score", sem[m][d].get("mean", float("nan"))))  # noqa: E731
+        f4 = lambda v: f"{v:.4f}"  # noqa: E731
+        row = lambda m, d: " | ".join(f"{sem[m][d][a]:.2f}" for a in (*ATTRS, "semantic_score"))  # noqa: E731
+        cls = ev["classical"]
+        dims = sorted({k for m in cls.values() for k in m if isinstance(m.get(k), (int, float))})
         lines = [
             "# ModelGrow demo report", "",
-            f"Sizes: {json.dumps(asdict(self.size))}", "",
+            f"Sizes: `{json.dumps(asdict(self.size))}`", "",
             "## What ran",
-            "synthetic clips (A: pre-training, B: continual) -> tiny T5 + tiny Llama (random weights, real tokenizers) ->",
-            f"a tiny AutoencoderTiny trained on the synthetic frames (held-out PSNR {vae['psnr_heldout_db']:.1f} dB) -> latent/text cache ->",
-            "STDiT pre-trained on A (short prompts) -> insert expansion k = 1 + LLM condition -> continual pre-training on B",
-            f"(SL prompts) -> sampling with two-condition guidance ({self.size.sampler}, {self.size.sample_steps} steps).", "",
+            f"Base bundle `{self.base_dir}` (made by `{base['command']}`, {base['pretrain_seconds']:.0f} s of pre-training on A, "
+            f"VAE held-out PSNR {base['vae']['psnr_heldout_db']:.1f} dB) -> insert expansion k = 1 + LLM condition ->",
+            f"continual pre-training on B with SL prompts ({self.size.continual_steps} steps, {cont['train_seconds']:.0f} s) ->",
+            f"sampling held-out prompts with {self.size.sampler}-{self.size.sample_steps} and two-condition guidance.", "",
             "## Growth",
             f"depth {grow['depth'][0]} -> {grow['depth'][1]}, parameters {grow['params'][0]:,} -> {grow['params'][1]:,};",
             f"function preservation on held-out A inputs: max |grown - base| = {grow['max_abs_diff']:.2e}", "",
-            "## Held-out denoising loss (lower is better)", "",
+            "## Held-out denoising loss (lower is better; `heldout_loss.png`)", "",
             "| model | A (forgetting) | B (new knowledge) |", "|---|---|---|",
-            f"| base (pre-trained on A) | {fmt(L['base']['A'])} | {fmt(L['base']['B'])} |",
-            f"| grown + LLM, after continual pre-training on B | {fmt(L['continual']['A'])} | {fmt(L['continual']['B'])} |", "",
-            "## Semantic score of sampled videos (classifier agreement with the prompt: shape, colour, direction)", "",
-            "| model | A | B |", "|---|---|---|",
-            f"| base | {score('base', 'A')} | {score('base', 'B')} |",
-            f"| continual | {score('continual', 'A')} | {score('continual', 'B')} |", "",
-            "Samples: `evaluate/videos/` (mp4 + keyframe PNG), `contact_sheet.png`; curves: `loss_curves.png`.", "",
+            f"| base (pre-trained on A) | {f4(L['base']['A'])} | {f4(L['base']['B'])} |",
+            f"| grown + LLM, after continual pre-training on B | {f4(L['continual']['A'])} | {f4(L['continual']['B'])} |", "",
+            f"## What the semantic evaluator reads in sampled videos ({self.size.sample_prompts} held-out prompts per domain)", "",
+            "Accuracy per attribute against the prompt (shape / colour / direction: the trained classifier; background:",
+            "measured), and their mean. Contact sheets: `contact_sheet_base.png`, `contact_sheet_continual.png`.", "",
+            "| model | domain | shape | colour | direction | background | mean |", "|---|---|---|---|---|---|---|",
+            *[f"| {m} | {d} | {row(m, d)} |" for m in ("base", "continual") for d in "AB"], "",
+            "## `modelgrow evaluate` (dimensions with no learned weights)", "",
+            "| model | " + " | ".join(dims) + " |", "|---|" + "---|" * len(dims),
+            *[f"| {m} | " + " | ".join(f"{cls[m][k]:.4f}" if isinstance(cls[m].get(k), (int, float)) else "–" for k in dims)
+              + " |" for m in cls], "",
+            "Per-video tables: `evaluate/evaluation_base/`, `evaluate/evaluation_continual/`. Curves: `loss_curves.png`.", "",
             "## Timings (s)", "", "| stage | seconds |", "|---|---|",
             *[f"| {k} | {v:.1f} |" for k, v in self.timings.items()], "",
             "## Reading these numbers",
-            "This is a few-minute CPU run of tiny models with random-weight text encoders: it shows that every stage of",
-            "the method works end to end and moves the numbers in the expected direction when it does, not that the",
-            "paper's quality claims hold. The study in bench/study_continual.py is where the paper's comparisons belong.",
+            "Tiny models, random-weight text encoders and a few minutes of CPU: this shows every stage of the method working",
+            "end to end on a world small enough to check by eye. The paper's comparisons (vanilla vs LoRA vs expansion,",
+            "with and without the LLM) are in `experiments/study_continual.py` and its report.",
         ]
         return "\n".join(lines) + "\n"
 
 
-def plot_curves(curves: dict[str, list], width: int = 640, height: int = 320) -> np.ndarray:
-    """A minimal line plot of (step, loss) series with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (width, height), "white")
-    dr = ImageDraw.Draw(img)
-    pts = [p for series in curves.values() for p in series]
-    if not pts:
-        return np.asarray(img)
-    offset, all_pts, colours = 0, [], [(31, 119, 180), (214, 39, 40), (44, 160, 44)]
-    for series in curves.values():
-        all_pts.append([(s + offset, v) for s, v in series])
-        offset += max((s for s, _ in series), default=0)
-    xs = [p[0] for s in all_pts for p in s]
-    ys = [p[1] for s in all_pts for p in s]
-    x0, x1, y0, y1 = min(xs), max(xs) or 1, min(ys), max(ys)
-    pad = 40
-    sx = lambda x: pad + (x - x0) / max(x1 - x0, 1e-9) * (width - 2 * pad)  # noqa: E731
-    sy = lambda y: height - pad - (y - y0) / max(y1 - y0, 1e-9) * (height - 2 * pad)  # noqa: E731
-    dr.rectangle([pad, pad, width - pad, height - pad], outline="black")
-    for (name, _), series, col in zip(curves.items(), all_pts, colours):
-        if len(series) > 1:
-            dr.line([(sx(x), sy(y)) for x, y in series], fill=col, width=2)
-        dr.text((pad + 5, pad + 5 + 12 * list(curves).index(name)), f"{name} loss", fill=col)
-    dr.text((pad, height - pad + 5), f"step 0 .. {int(x1)}   loss {y0:.3f} .. {y1:.3f}", fill="black")
-    return np.asarray(img)
+# ------------------------------------------------------------------------------------------------------------
+# plots (matplotlib)
+# ------------------------------------------------------------------------------------------------------------
 
 
-def contact_sheet(video_dir: Path, samples: list[dict]) -> np.ndarray | None:
-    from PIL import Image
+def _plt():
+    import matplotlib
 
-    rows = [np.asarray(Image.open(video_dir.parent / s["keyframes"]).convert("RGB")) for s in samples]
-    if not rows:
-        return None
-    w = max(r.shape[1] for r in rows)
-    rows = [np.pad(r, ((0, 2), (0, w - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
-    return np.concatenate(rows, axis=0)
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of a run's metrics.jsonl: the logged training loss and the validation loss (EMA)."""
+    recs = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
+    return {"training loss (mean over the log interval)": [(r["step"], r["loss"]) for r in recs
+                                                          if r.get("kind") is None and "loss" in r],
+            "held-out loss, EMA weights (validation)": [(r["step"], r["loss_ema"]) for r in recs
+                                                        if r.get("kind") == "val" and "loss_ema" in r]}
+
+
+def loss_plot(curves: dict[str, dict[str, list]]):
+    """Loss vs step, one panel per stage, one line per series."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(curves), figsize=(5.5 * len(curves), 3.8), squeeze=False)
+    for ax, (name, panel) in zip(axes[0], curves.items(), strict=False):
+        for (label, series), style in zip(panel.items(), ({"color": "tab:blue"}, {"color": "tab:red", "marker": "o"}),
+                                          strict=False):
+            if series:
+                x, y = zip(*series, strict=False)
+                ax.plot(x, y, label=label, **style)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("IDDPM loss (MSE + VB)")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def heldout_plot(losses: dict[str, dict[str, float]]):
+    """Held-out denoising loss on A and B, before (base) and after (continual)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    models = list(losses)
+    domains = sorted({d for v in losses.values() for d in v})
+    w = 0.8 / len(models)
+    for k, (m, colour) in enumerate(zip(models, ("tab:blue", "tab:red"), strict=False)):
+        xs = np.arange(len(domains)) + (k - (len(models) - 1) / 2) * w
+        vals = [losses[m].get(d, np.nan) for d in domains]
+        bars = ax.bar(xs, vals, w, color=colour, label={"base": "base (pre-trained on A)",
+                                                        "continual": "grown + LLM, continual on B"}.get(m, m))
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(np.arange(len(domains)), [f"held-out {d}" for d in domains])
+    ax.set_ylabel("denoising loss (lower is better)")
+    ax.set_title("held-out loss before / after continual pre-training", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def contact_sheet(eval_dir: Path, samples: list[dict], model: str, title: str = ""):
+    """One row per sampled prompt of ``model``: the prompt, the frames, and per attribute what the evaluator read
+    (green: matches the prompt, red: does not)."""
+    from .video_io import read_video
+
+    plt = _plt()
+    rows = [s for s in samples if s["model"] == model]
+    T = len(read_video(eval_dir / rows[0]["video"])[0]) if rows else 1
+    fig, axes = plt.subplots(max(len(rows), 1), T + 1, figsize=(1.3 * T + 4.2, 1.25 * max(len(rows), 1) + 0.4),
+                             squeeze=False, gridspec_kw={"width_ratios": [3.2] + [1] * T})
+    for r, s in enumerate(rows):
+        frames = read_video(eval_dir / s["video"])[0]
+        ax = axes[r, 0]
+        ax.axis("off")
+        ax.text(0, 0.95, f"[{s['domain']}] {s['prompt']}", fontsize=7, wrap=True, va="top", transform=ax.transAxes)
+        ax.text(0, 0.42, "evaluator read:", fontsize=6, transform=ax.transAxes)
+        for k, a in enumerate(ATTRS):
+            ok = s["read"].get(a) == s["truth"].get(a)
+            ax.text(0.02 + 0.5 * (k % 2), 0.22 - 0.2 * (k // 2), f"{a}: {s['read'].get(a)} {'ok' if ok else 'WRONG'}",
+                    fontsize=6, transform=ax.transAxes, color="tab:green" if ok else "tab:red")
+        for t in range(T):
+            axes[r, t + 1].imshow(frames[t] if t < len(frames) else np.zeros_like(frames[0]), interpolation="nearest")
+            axes[r, t + 1].axis("off")
+            if r == 0:
+                axes[r, t + 1].set_title(f"frame {t}", fontsize=7)
+    fig.suptitle(title or model, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="modelgrow demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("runs/demo"))
+    ap.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo, runs/demo-base)")
+    ap.add_argument("--pretrain-base", action="store_true",
+                    help="build the base bundle (VAE, T5, STDiT pre-trained on A, evaluator) into --base-dir")
+    ap.add_argument("--base-dir", type=Path, default=None,
+                    help=f"the base bundle to start from / to write (default: the shipped one, {DEFAULT_BASE}; "
+                         "with --quick: <out>/base-bundle, built first if missing)")
     ap.add_argument("--quick", action="store_true", help="minimal sizes (seconds; what the test suite runs)")
     ap.add_argument("--fresh", action="store_true", help="delete the output directory first")
-    ap.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
+    ap.add_argument("--stages", default=None, help="comma-separated subset, in order")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads (default 1: these tiny models run fastest on one; with two on a busy 2-core "
                          "machine the VAE's small convolutions were measured 5-20x slower)")
     args = ap.parse_args(argv)
-    if args.fresh and args.out.exists():
-        shutil.rmtree(args.out)
+    size = QUICK if args.quick else DemoSize()
+    out = args.out or Path("runs/demo-base" if args.pretrain_base else "runs/demo") / ("quick" if args.quick else "")
+    if args.fresh and out.exists():
+        shutil.rmtree(out)
     torch.set_num_threads(max(1, args.threads))
-    demo = Demo(args.out, QUICK if args.quick else DemoSize())
-    report = demo.run([s for s in args.stages.split(",") if s])
+    base_dir = args.base_dir or (out / "base-bundle" if args.quick else DEFAULT_BASE)
+    stages = [s for s in args.stages.split(",") if s] if args.stages else None
+    if args.pretrain_base:
+        Demo(out, size, base_dir, build_base=True).run(stages)
+        print(f"\nbase bundle: {base_dir}")
+        return 0
+    if args.quick and not (base_dir / "base.json").exists():
+        print(f"[demo] --quick: building a quick base bundle first ({base_dir})")
+        Demo(out / "base-build", size, base_dir, build_base=True).run()
+    report = Demo(out, size, base_dir).run(stages)
     print(f"\nreport: {report}")
     return 0
 

@@ -1,34 +1,79 @@
-"""`modelgrow demo --quick`: every stage runs at a minimal size and produces every artefact; a re-run reuses
-finished stages."""
+"""`modelgrow demo --quick`: builds a quick base bundle (`--pretrain-base` stages), then runs every demo stage from
+it and produces every artefact; a re-run reuses finished stages; a missing or mismatched bundle is a clear error."""
 
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("diffusers")
+pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _demo(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "modelgrow", "demo", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_quick_demo_produces_every_artefact(tmp_path):
+    from modelgrow.demo import BASE_STAGES, STAGES
+
     out = tmp_path / "demo"
-    r = subprocess.run([sys.executable, "-m", "modelgrow", "demo", "--quick", "--out", str(out)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=900)
+    r = _demo("--quick", "--out", str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    for stage in ("data", "encoders", "vae", "cache", "pretrain", "grow", "continual", "evaluate", "report"):
+    bundle = out / "base-bundle"
+    for stage in BASE_STAGES:
+        assert (out / "base-build" / stage / "DONE").exists(), stage
+    for part in ("model/model.safetensors", "model/config.json", "vae/config.json", "t5/config.json",
+                 "evaluator.safetensors", "train_log.jsonl", "samples.png"):
+        assert (bundle / part).stat().st_size > 0, part
+    info = json.loads((bundle / "base.json").read_text())
+    assert info["command"] == "modelgrow demo --pretrain-base --quick" and set(info["semantic_A"]) >= {"shape", "background"}
+    for stage in STAGES:
         assert (out / stage / "DONE").exists(), stage
     report = (out / "report.md").read_text()
-    for needle in ("Held-out denoising loss", "Semantic score", "function preservation", "parameters"):
-        assert needle in report
-    assert (out / "loss_curves.png").stat().st_size > 0 and (out / "contact_sheet.png").stat().st_size > 0
+    for needle in ("Held-out denoising loss", "semantic evaluator", "function preservation", "parameters",
+                   "temporal_flickering", "| continual | B |"):
+        assert needle in report, needle
+    for png in ("loss_curves.png", "heldout_loss.png", "contact_sheet_base.png", "contact_sheet_continual.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     ev = json.loads((out / "evaluate" / "DONE").read_text())
     assert {s["model"] for s in ev["samples"]} == {"base", "continual"}
     for s in ev["samples"]:
-        assert (out / "evaluate" / s["video"]).stat().st_size > 0 and (out / "evaluate" / s["keyframes"]).exists()
+        assert (out / "evaluate" / s["video"]).stat().st_size > 0
+        assert set(s["read"]) == set(s["truth"]) == {"shape", "color", "direction", "background"}
+    assert (out / "evaluate" / "evaluation_continual" / "evaluation.json").exists()
     grow = json.loads((out / "grow" / "DONE").read_text())
     assert grow["depth"][1] == 2 * grow["depth"][0] and grow["max_abs_diff"] <= 1e-6
-    again = subprocess.run([sys.executable, "-m", "modelgrow", "demo", "--quick", "--out", str(out)], cwd=ROOT,
-                           capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count("done already") == 9
+    again = _demo("--quick", "--out", str(out), timeout=300)
+    assert again.returncode == 0 and again.stdout.count("done already") == len(STAGES)
+
+
+def test_missing_or_mismatched_base_bundle_is_a_clear_error(tmp_path):
+    from modelgrow.workbench import QUICK, check_base
+
+    r = _demo("--out", str(tmp_path / "d"), "--base-dir", str(tmp_path / "nothing"), "--stages", "base", timeout=120)
+    assert r.returncode != 0 and "modelgrow demo --pretrain-base" in r.stderr and "nothing" in r.stderr
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "base.json").write_text(json.dumps({"size": {**json.loads(json.dumps(QUICK.__dict__)), "hidden": 64}}))
+    with pytest.raises(ValueError, match=r"other sizes.*hidden"):
+        check_base(bundle, QUICK)
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        check_base(bundle, replace(QUICK, hidden=64))
+
+
+def test_shipped_base_bundle_fits_and_matches_the_demo():
+    """The bundle `make demo` starts from: ≤ 20 MB, safetensors only, made at the demo's sizes by the documented command."""
+    from modelgrow.workbench import DEFAULT_BASE, DemoSize, check_base
+
+    info = check_base(DEFAULT_BASE, DemoSize())
+    assert info["command"] == "modelgrow demo --pretrain-base"
+    files = [f for f in DEFAULT_BASE.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
+    assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+    assert (DEFAULT_BASE / "train_log.jsonl").read_text().count("\n") >= 10
