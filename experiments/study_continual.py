@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=None, help="held-out prompts sampled per domain")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="tabulate finished arms under --work; train nothing")
+    ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON + markdown go (<results>/cpu|quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     size = wb.QUICK if args.quick else wb.DemoSize()
@@ -173,9 +174,9 @@ def main(argv=None) -> int:
     if args.quick and not (base_dir / "base.json").exists():
         Demo(work / "base-build", size, base_dir, build_base=True).run()
     ws = wb.Workspace(work, size, base_dir=base_dir)
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
     plan = [(a, s) for a in args.arms.split(",")
             for s in (args.seeds if a in MAIN_ARMS else args.other_seeds).split(",") if s != ""]
-    unknown = sorted({a for a, _ in plan} - set(ARMS))
     if unknown:
         raise SystemExit(f"unknown arm(s) {unknown}; arms: {', '.join(ARMS)}")
     if args.report_only:
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
     env = {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
            "python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
            "git_sha": wb.git_sha()}
-    out_dir = RESULTS / ("quick" if args.quick else "cpu")
+    out_dir = args.results / ("quick" if args.quick else "cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "study_continual.json").write_text(json.dumps(
         {"env": env, "size": asdict(size), "base": json.loads((base_dir / "base.json").read_text()).get("git_sha"),

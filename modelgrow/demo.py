@@ -96,7 +96,11 @@ class Demo:
 
     # -- stages ---------------------------------------------------------------------------------------
     def stage_data(self):
-        wb.make_data(self.ws)
+        if self.build_base:  # the VAE and the T5 tokenizer see both domains' training clips
+            wb.make_data(self.ws)
+        else:
+            wb.make_data(self.ws, domains=("B",))
+            wb.make_data(self.ws, domains=("A",), splits=("heldout",))
 
     def stage_encoders(self):
         return {"t5": wb.build_t5(self.ws)} if self.build_base else {"llm": wb.build_llm(self.ws)}

@@ -22,7 +22,8 @@ KERNEL_TESTS = {"test_modulate", "test_st_attention", "test_gated_cross_attn", "
 INTEGRATION_TESTS = {"test_demo", "test_train", "test_fsdp", "test_gpu_suite_dry", "test_memorise", "test_package",
                      "test_cli_surface", "test_cache", "test_video_recaption", "test_semantic", "test_faults",
                      "test_security", "test_recaption", "test_evaluate", "test_data", "test_vae_video",
-                     "test_golden_loss", "test_pipeline", "test_validation", "test_wandb", "test_decode_rgb"}
+                     "test_golden_loss", "test_pipeline", "test_validation", "test_wandb", "test_decode_rgb", "test_study",
+                     "test_workbench"}
 
 
 def pytest_collection_modifyitems(config, items):
