@@ -240,7 +240,7 @@ class Demo:
             "# ModelGrow demo report", "",
             f"Sizes: `{json.dumps(asdict(self.size))}`", "",
             "## What ran",
-            f"Base bundle `{self.base_dir}` (made by `{base['command']}`, {base['pretrain_seconds']:.0f} s of pre-training on A, "
+            f"Base bundle `{self.base_dir}` (made by `{base['command']}`: {base['size']['pretrain_steps']} steps of pre-training on A, "
             f"VAE held-out PSNR {base['vae']['psnr_heldout_db']:.1f} dB) -> insert expansion k = 1 + LLM condition ->",
             f"continual pre-training on B with SL prompts ({self.size.continual_steps} steps, {cont['train_seconds']:.0f} s) ->",
             f"sampling held-out prompts with {self.size.sampler}-{self.size.sample_steps} and two-condition guidance.", "",
@@ -288,7 +288,7 @@ def _plt():
 def read_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
     """(step, value) series of a run's metrics.jsonl: the logged training loss and the validation loss (EMA)."""
     recs = [json.loads(x) for x in Path(metrics_jsonl).read_text().splitlines() if x.strip()]
-    return {"training loss (mean over the log interval)": [(r["step"], r["loss"]) for r in recs
+    return {"training loss (the logged step's batch)": [(r["step"], r["loss"]) for r in recs
                                                           if r.get("kind") is None and "loss" in r],
             "held-out loss, EMA weights (validation)": [(r["step"], r["loss_ema"]) for r in recs
                                                         if r.get("kind") == "val" and "loss_ema" in r]}
