@@ -101,7 +101,7 @@ class VideoVAE(nn.Module):
 
     def get_latent_size(self, input_size: tuple[int, int, int]) -> tuple[int, int, int]:
         """(T, H, W) pixels -> (T, H/f, W/f) latent (f = 8 for sd-vae-ft-ema)."""
-        return tuple(s // p for s, p in zip(input_size, self.patch_size))  # type: ignore[return-value]
+        return tuple(s // p for s, p in zip(input_size, self.patch_size, strict=True))  # type: ignore[return-value]
 
     def _framewise(self, x: torch.Tensor, fn) -> torch.Tensor:
         B, C, T, H, W = x.shape
