@@ -196,7 +196,7 @@ class Demo:
         shutil.copy2(self.path("pretrain", "run", "metrics.jsonl"), tmp / "train_log.jsonl")
         ev, pre, vae = self.info("evaluate"), self.info("pretrain"), self.info("vae")
         sheet = contact_sheet(self.path("evaluate"), ev["samples"], "base", title="base model, held-out A prompts")
-        sheet.savefig(tmp / "samples.png", dpi=100)
+        _save(sheet, tmp / "samples.png")
         info = {
             "what": "STDiT pre-trained on domain A of the synthetic world with short prompts (EMA weights), the tiny "
                     "AutoencoderTiny and T5 it was trained with, and the semantic evaluator",
@@ -221,12 +221,13 @@ class Demo:
         ev, base = self.info("evaluate"), self.info("base")["base"]
         curves = {"base pre-training on A (shipped: train_log.jsonl)": read_curves(self.base_dir / "train_log.jsonl"),
                   "continual pre-training on B (this run)": read_curves(self.path("continual", "run", "metrics.jsonl"))}
-        loss_plot(curves).savefig(self.path("loss_curves.png"), dpi=100)
-        heldout_plot(ev["heldout_loss"]).savefig(self.path("heldout_loss.png"), dpi=100)
+        _save(loss_plot(curves), self.path("loss_curves.png"))
+        _save(heldout_plot(ev["heldout_loss"]), self.path("heldout_loss.png"))
         for name in ("base", "continual"):
-            contact_sheet(self.path("evaluate"), ev["samples"], name,
-                          title=f"{name}: " + ", ".join(f"{d} {ev['semantic'][name][d]['semantic_score']:.2f}" for d in "AB")
-                          ).savefig(self.path(f"contact_sheet_{name}.png"), dpi=100)
+            _save(contact_sheet(self.path("evaluate"), ev["samples"], name,
+                                title=f"{name}: " + ", ".join(f"{d} {ev['semantic'][name][d]['semantic_score']:.2f}"
+                                                              for d in "AB")),
+                  self.path(f"contact_sheet_{name}.png"))
         self.path("report.md").write_text(self.report(base))
 
     def report(self, base: dict) -> str:
@@ -283,6 +284,12 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Write a figure as PNG and free it (pyplot keeps every open figure alive)."""
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
 
 
 def read_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
