@@ -121,3 +121,25 @@ def test_background_is_measured_not_learned():
     assert background_of(torch.stack(clips)) == names
     # restricted vocabulary: the nearest of the names given
     assert background_of(torch.stack(clips[:2]), names=["white", "brown"]) == ["brown", "brown"]
+
+
+def test_a_clip_with_no_object_reads_as_none(clf):
+    """An empty generated clip (flat background, decoder noise) has no shape, colour or motion: the evaluator must
+    not read them off the noise (the relative foreground threshold alone would), so it scores 0 on those; a faint
+    but real object (the least contrast of rendered clips) is still read."""
+    from modelgrow.synthetic.semantic import MIN_OBJECT_CONTRAST, NO_OBJECT, object_contrast
+
+    g = np.random.default_rng(0)
+    specs = sample_specs("A", 6, seed=7)
+    rendered = np.stack([render_clip(s, 4, 32, 32) for s in specs])
+    empty = np.stack([np.broadcast_to(np.array(BACKGROUNDS[s.background], np.uint8), rendered.shape[1:]) for s in specs])
+    empty = np.clip(empty + g.normal(0, 2.0, empty.shape), 0, 255).astype(np.uint8)
+    assert object_contrast(prepare_videos(empty)).max() < MIN_OBJECT_CONTRAST / 4
+    res = clf.score(empty, [s.attributes for s in specs])
+    assert res["shape"] == res["color"] == res["direction"] == 0.0 and res["background"] == 1.0
+    assert all(p[a] == NO_OBJECT for p in res["predictions"] for a in SCORED_ATTRIBUTES)
+    faint = rendered.astype(np.float32)  # the object pulled towards its background until its contrast is ~0.3
+    bg = empty.astype(np.float32).mean((1, 2, 3), keepdims=True)
+    faint = (bg + 0.4 * (faint - bg)).round().clip(0, 255).astype(np.uint8)
+    assert (object_contrast(prepare_videos(faint)) >= MIN_OBJECT_CONTRAST).all()
+    assert NO_OBJECT not in clf.predict(faint)["shape"]
