@@ -51,6 +51,12 @@ def test_quick_demo_produces_every_artefact(tmp_path):
     assert grow["depth"][1] == 2 * grow["depth"][0] and grow["max_abs_diff"] <= 1e-6
     again = _demo("--quick", "--out", str(out), timeout=300)
     assert again.returncode == 0 and again.stdout.count("done already") == len(STAGES)
+    (out / "report" / "DONE").unlink()  # the report re-made alone still lists every stage's time
+    alone = _demo("--quick", "--out", str(out), "--stages", "report", timeout=300)
+    assert alone.returncode == 0, alone.stderr[-2000:]
+    timings = (out / "report.md").read_text().split("## Timings (s)")[1].split("##")[0]
+    for stage in STAGES[:-1]:
+        assert f"| {stage} | " in timings, (stage, timings)
 
 
 def test_missing_or_mismatched_base_bundle_is_a_clear_error(tmp_path):
