@@ -1,0 +1,90 @@
+"""Training-step time of the demo's tiny STDiT on a CPU, across the choices `docs/demo_recipe.md` section 2 weighs:
+DiT patch (4x4 / 2x2 on the 16x16x4 latents), base vs grown (insert k = 1 + LLM condition), torch threads and
+fp32 vs bf16 autocast. One step = IDDPM loss (learned sigma) forward, backward and AdamW, batch ``--batch``, on
+random latents and text states of the demo's shapes (``DemoSize``).
+
+    python bench/bench_demo_step.py                       # the full grid (about 3 minutes on a quiet 2-core machine)
+    python bench/bench_demo_step.py --patch 2 --threads 2 --dtype bfloat16 --grown 1
+
+Rows go to ``bench/results/<device>/bench_demo_step.json`` (device, versions, git sha). Run it on a quiet machine:
+the two cores of the dev machine are easily shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import print_table, time_steps, write_results  # noqa: E402
+
+
+def make_step(patch: int, grown: bool, dtype: str, batch: int):
+    from modelgrow.diffusion import IDDPM
+    from modelgrow.grow import add_llm_condition, expand
+    from modelgrow.models import create_model
+    from modelgrow.workbench import DemoSize
+
+    s = DemoSize()
+    lat = s.size // 2 ** (len(s.vae_channels) - 1)
+    model = create_model("STDiT-tiny", depth=s.depth, hidden_size=s.hidden, num_heads=s.heads,
+                         input_size=(s.frames, lat, lat), in_channels=s.vae_latent_channels,
+                         patch_size=(1, patch, patch), caption_channels=32, model_max_length=s.t5_tokens,
+                         space_scale=1.0)
+    if grown:
+        model = add_llm_condition(expand(model, "insert", 1), 32, s.llm_tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    diffusion = IDDPM(timestep_respacing="")
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(batch, s.vae_latent_channels, s.frames, lat, lat, generator=g)
+    kw = {"y": torch.randn(batch, 1, s.t5_tokens, 32, generator=g), "mask": torch.ones(batch, s.t5_tokens, dtype=torch.long)}
+    if grown:
+        kw |= {"y_llm": torch.randn(batch, 1, s.llm_tokens, 32, generator=g),
+               "llm_mask": torch.ones(batch, s.llm_tokens, dtype=torch.long)}
+    bf16 = dtype == "bfloat16"
+
+    def step():
+        t = torch.randint(0, 1000, (batch,), generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = diffusion.training_losses(model, x0, t, model_kwargs=kw)["loss"].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patch", default="4,2")
+    ap.add_argument("--grown", default="0,1")
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    rows = []
+    for patch, grown, threads, dtype in itertools.product(
+            [int(v) for v in args.patch.split(",")], [v == "1" for v in args.grown.split(",")],
+            [int(v) for v in args.threads.split(",")], args.dtype.split(",")):
+        torch.set_num_threads(threads)
+        step, params = make_step(patch, grown, dtype, args.batch)
+        for _ in range(2):  # warm-up
+            step()
+        t = time_steps(step, torch.device("cpu"), args.steps)
+        rows.append({"patch": patch, "grown": grown, "threads": threads, "dtype": dtype, "batch": args.batch,
+                     "params": params, "ms_per_step": round(t["ms_mean"], 1), "ms_p50": round(t["ms_p50"], 1),
+                     "samples_per_s": round(1000 * args.batch / t["ms_mean"], 1)})
+        print_table(rows[-1:], list(rows[-1]))
+        path = write_results("bench_demo_step", rows, torch.device("cpu"), args.out)
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
