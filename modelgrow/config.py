@@ -67,6 +67,9 @@ class ModelConfig:
     drop_path: float = _f(0.0, "stochastic depth rate of the last block (linear from 0)")
     space_scale: float = _f(0.5, "spatial position-embedding scale (Open-Sora v1.0: 0.5 at 256px, 1.0 at 512px)")
     time_scale: float = _f(1.0, "temporal position-embedding scale")
+    temporal_pos: Literal["attention", "tokens"] = _f(
+        "attention", "where the temporal position embedding enters: attention = one block's temporal attention "
+        "(Open-Sora v1.0), tokens = every token after the patch embedding (as Latte; the demo's choice)")
     from_pretrained: str | None = _f(None, "checkpoint to load: Open-Sora/PixArt .pth, .safetensors or a pretrained dir")
 
     def __post_init__(self) -> None:
@@ -107,6 +110,7 @@ class ModelConfig:
             drop_path=self.drop_path,
             space_scale=self.space_scale,
             time_scale=self.time_scale,
+            temporal_pos=self.temporal_pos,
         )
         return kw
 

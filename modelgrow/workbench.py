@@ -59,6 +59,7 @@ class DemoSize:
     depth: int = 4
     hidden: int = 128
     heads: int = 4
+    temporal_pos: str = "attention"
     t5_tokens: int = 48
     llm_tokens: int = 48
     batch: int = 16
@@ -92,7 +93,7 @@ QUICK = DemoSize(n_train=8, n_heldout=4, frames=4, size=32, vae_steps=4, vae_cha
                  sample_steps=2, sample_prompts=1, classifier_train=32, classifier_steps=5, val_every=2, val_samples=1)
 
 # what a base bundle fixes: the continual stage must use the same data geometry, VAE, DiT and text sizes
-BASE_SIZE_KEYS = ("frames", "size", "vae_channels", "vae_latent_channels", "patch", "depth", "hidden", "heads",
+BASE_SIZE_KEYS = ("frames", "size", "vae_channels", "vae_latent_channels", "patch", "depth", "hidden", "heads", "temporal_pos",
                   "t5_tokens")
 
 
@@ -246,6 +247,7 @@ def train_config(ws: Workspace, out: Path, steps: int, lr: float, cache: Path, e
         "--model.in_channels", str(s.vae_latent_channels),
         "--model.patch_size", f"1,{s.patch},{s.patch}",
         "--model.caption_channels", "32", "--model.model_max_length", str(s.t5_tokens), "--model.space_scale", "1.0",
+        "--model.temporal_pos", s.temporal_pos,
         "--data.cache_dir", str(cache), "--data.t5", str(ws.t5_dir), "--data.llm", str(ws.llm_dir),
         "--data.vae", str(ws.vae_dir),
         "--train.steps", str(steps), "--train.batch_size", str(s.batch), "--train.output_dir", str(out),
@@ -378,7 +380,8 @@ def check_base(base_dir: Path, size: DemoSize) -> dict[str, Any]:
     info = load_base_info(base_dir)
     made = info["size"]
     want = json.loads(json.dumps(asdict(size)))
-    diff = {k: (made.get(k), want[k]) for k in BASE_SIZE_KEYS if made.get(k) != want[k]}
+    older = json.loads(json.dumps(asdict(DemoSize())))  # a key newer than the bundle: it was made with the default
+    diff = {k: (made.get(k, older[k]), want[k]) for k in BASE_SIZE_KEYS if made.get(k, older[k]) != want[k]}
     if diff:
         raise ValueError(f"the base bundle at {base_dir} was made with other sizes (bundle, this run): {diff}; rebuild it "
                          f"with `modelgrow demo --pretrain-base` at these sizes or use the matching --base-dir")

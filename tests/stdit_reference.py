@@ -96,7 +96,8 @@ def cross_attention(x, cond_list, sd, name, heads):
 
 def reference_forward(sd, cfg, x, timestep, y, mask=None, temporal=True, return_tokens=False):
     """sd: state dict; cfg: dict with depth, hidden_size, num_heads, patch_size, input_size, space_scale,
-    time_scale, in_channels, pred_sigma. x [B, Cin, T, H, W]; timestep [B]; y [B, 1, L, Ccap]; mask [B', L].
+    time_scale, in_channels, pred_sigma (and optionally temporal_pos: "tokens" adds the temporal table to the
+    tokens with the spatial one instead of to block 0's temporal-attention input). x [B, Cin, T, H, W]; timestep [B]; y [B, 1, L, Ccap]; mask [B', L].
     temporal=False runs PixArt-alpha (no temporal attention), for checking the PixArt conversion."""
     sd = {k: v.to(F64) for k, v in sd.items()}
     C, heads, depth = cfg["hidden_size"], cfg["num_heads"], cfg["depth"]
@@ -114,6 +115,9 @@ def reference_forward(sd, cfg, x, timestep, y, mask=None, temporal=True, return_
     tok = patches @ w.T + sd["x_embedder.proj.bias"]  # [B, T*S, C]
     tok = (tok.reshape(B, Tn, S, C) + spatial_table(C, Hn, Wn, cfg["space_scale"])).reshape(B, Tn * S, C)
     tpe = temporal_table(C, Tn, cfg["time_scale"])  # [T, C]
+    tpe_in_tokens = cfg.get("temporal_pos", "attention") == "tokens"
+    if tpe_in_tokens:
+        tok = (tok.reshape(B, Tn, S, C) + tpe[None, :, None]).reshape(B, Tn * S, C)
 
     # conditions
     tf = timestep_features(timestep)
@@ -137,7 +141,7 @@ def reference_forward(sd, cfg, x, timestep, y, mask=None, temporal=True, return_
         tok = tok + g1 * h
         if temporal:
             h = tok.reshape(B, Tn, S, C).permute(0, 2, 1, 3).reshape(B * S, Tn, C)
-            if i == 0:
+            if i == 0 and not tpe_in_tokens:
                 h = h + tpe
             h = self_attention(h, sd, f"{p}.attn_temp", heads)
             tok = tok + g1 * h.reshape(B, S, Tn, C).permute(0, 2, 1, 3).reshape(B, Tn * S, C)

@@ -16,6 +16,8 @@ CONFIGS = {
                            input_size=(4, 8, 8), space_scale=0.5),
     "odd": dict(depth=2, hidden_size=72, num_heads=6, caption_channels=24, model_max_length=7,
                 input_size=(5, 6, 10), space_scale=1.0, time_scale=0.75, patch_size=(1, 2, 2)),
+    "tokens-tpe": dict(depth=2, hidden_size=64, num_heads=4, caption_channels=16, model_max_length=6,
+                       input_size=(4, 6, 6), space_scale=1.0, temporal_pos="tokens"),
     "tpatch": dict(depth=2, hidden_size=48, num_heads=2, caption_channels=16, model_max_length=5,
                    input_size=(6, 4, 4), patch_size=(2, 2, 2), pred_sigma=False, in_channels=3),
 }
@@ -29,7 +31,7 @@ def _model(cfg, dtype=torch.float64):
 def _ref_cfg(m: STDiT) -> dict:
     return dict(depth=m.depth, hidden_size=m.hidden_size, num_heads=m.num_heads, patch_size=m.patch_size,
                 input_size=m.input_size, space_scale=m.space_scale, time_scale=m.time_scale,
-                in_channels=m.in_channels, pred_sigma=m.pred_sigma)
+                in_channels=m.in_channels, pred_sigma=m.pred_sigma, temporal_pos=m.temporal_pos)
 
 
 def _inputs(m: STDiT, B: int, g: torch.Generator):
@@ -216,3 +218,26 @@ def test_no_temporal_pos_emb_warns_and_changes_nothing():
     with pytest.warns(UserWarning, match="no effect"):
         m = STDiT(**CONFIGS["opensora-check"], no_temporal_pos_emb=True)
     assert m.pos_embed_temporal.shape == (1, 4, 96)
+
+
+def test_temporal_position_placement_decides_whether_a_fresh_model_knows_frame_order(tmp_path):
+    """Open-Sora v1.0 feeds the temporal table only to block 0's temporal attention, whose output projection
+    starts at zero: a model fresh from that init cannot tell frames apart (reversing the frames reverses the output exactly).
+    With temporal_pos="tokens" every token carries its frame index from the first layer."""
+    g = torch.Generator().manual_seed(0)
+    for placement, order_blind in (("attention", True), ("tokens", False)):
+        torch.manual_seed(0)
+        m = randomize_(STDiT(**CONFIGS["opensora-check"], temporal_pos=placement, dtype=torch.float64).to(torch.float64))
+        m.initialize_temporal()  # random weights (the fresh final layer is zero), temporal output still zero
+        m.eval()
+        x, t, y = _inputs(m, 2, g)
+        with torch.no_grad():
+            out, rev = m(x, t, y), m(x.flip(2), t, y).flip(2)
+        assert torch.equal(out, rev) == order_blind, placement
+        m.save_pretrained(tmp_path / placement)
+        back = STDiT.from_pretrained(tmp_path / placement, torch_dtype=torch.float64).eval()
+        assert back.temporal_pos == placement
+        with torch.no_grad():
+            torch.testing.assert_close(back(x, t, y), out, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="temporal_pos must be one of"):
+        STDiT(**CONFIGS["opensora-check"], temporal_pos="rope")

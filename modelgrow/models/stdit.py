@@ -12,6 +12,12 @@ as ``opensora/models/stdit/stdit.py`` (v1.0), quirks included:
 * inputs (timesteps included) are cast to the model's ``dtype`` and the output is cast to float32;
 * ``no_temporal_pos_emb`` is accepted but, as in Open-Sora v1.0, has no effect.
 
+One departure is available and off by default: ``temporal_pos="tokens"`` adds the temporal position embedding
+to every token once, with the spatial one (as Latte does), instead of to one block's temporal-attention input.
+With v1.0's placement a frame learns its index only through attention weights; on the synthetic workbench the
+v1.0 model never learned the prompted motion direction (its samples are reverse-symmetric in time), see
+``docs/demo_recipe.md``.
+
 Layout of the token stream: ``[B, T*S, C]`` with frames outermost (T = latent frames / patch_t,
 S = spatial tokens per frame).
 """
@@ -212,6 +218,7 @@ class STDiT(ModelMixin, ConfigMixin):
         enable_layernorm_kernel: bool = False,
         enable_sequence_parallelism: bool = False,
         temporal_pos_block: int = 0,
+        temporal_pos: str = "attention",
         llm_channels: int | None = None,
         llm_max_length: int = 120,
         llm_gate: str = "scalar",
@@ -226,6 +233,8 @@ class STDiT(ModelMixin, ConfigMixin):
                 "enable_sequence_parallelism is not supported by modelgrow's STDiT: shard with FSDP2 "
                 "(modelgrow.train.parallelize) instead and construct with enable_sequence_parallelism=False"
             )
+        if temporal_pos not in TEMPORAL_POS:
+            raise ValueError(f"temporal_pos must be one of {TEMPORAL_POS}, got {temporal_pos!r}")
         if freeze not in (None, "not_temporal", "text"):
             raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {freeze!r}")
         if no_temporal_pos_emb:
@@ -252,6 +261,7 @@ class STDiT(ModelMixin, ConfigMixin):
         self.space_scale = space_scale
         self.time_scale = time_scale
         self.temporal_pos_block = temporal_pos_block
+        self.temporal_pos = temporal_pos
         if _HAS_DIFFUSERS:
             self.register_to_config(**config)
         else:  # pragma: no cover
@@ -405,7 +415,10 @@ class STDiT(ModelMixin, ConfigMixin):
 
         # embeddings
         x = self.x_embedder(x)  # [B, T*S, C]
-        x = (x.reshape(B, T, S, C) + pos_embed).reshape(B, T * S, C)  # [B, T*S, C]
+        if self.temporal_pos == "tokens":  # every token carries its frame index from the start (not Open-Sora v1.0)
+            x = (x.reshape(B, T, S, C) + pos_embed + pos_embed_temporal[:, :, None]).reshape(B, T * S, C)
+        else:
+            x = (x.reshape(B, T, S, C) + pos_embed).reshape(B, T * S, C)  # [B, T*S, C]
         t = self.t_embedder(timestep, dtype=x.dtype)  # [B, C]
         t0 = self.t_block(t)  # [B, 6C]
         y = self.y_embedder(y, self.training, force_drop_ids=drop_t5).squeeze(1)  # [B, L, C]
@@ -414,7 +427,7 @@ class STDiT(ModelMixin, ConfigMixin):
 
         # blocks
         for i, block in enumerate(self.blocks):
-            tpe = pos_embed_temporal if i == self.temporal_pos_block else None  # [1, T, C]
+            tpe = pos_embed_temporal if self.temporal_pos == "attention" and i == self.temporal_pos_block else None
             args = (x, y, t0, y_mask, tpe) if y_llm is None else (x, y, t0, y_mask, tpe, y_llm, llm_mask)
             if block.grad_checkpointing and self.training and torch.is_grad_enabled():  # chosen by parallelize()
                 x = torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, shape=(T, S))  # [B, T*S, C]
@@ -593,6 +606,9 @@ class STDiT(ModelMixin, ConfigMixin):
             f"input_size={self.input_size}, patch_size={self.patch_size}, tokens={self.num_temporal}x{self.num_spatial}, "
             f"dtype={dtype_name(self.dtype)}"
         )
+
+
+TEMPORAL_POS = ("attention", "tokens")  # where the temporal position embedding enters (see the module docstring)
 
 
 def _check_arch(input_size, patch_size, hidden_size, depth, num_heads, temporal_pos_block) -> None:
