@@ -167,10 +167,12 @@ class Demo:
 
         domains = ("A",) if self.build_base else ("A", "B")
         evaluator = wb.load_evaluator(self.ws)
-        losses, semantic, samples, classical = {}, {}, [], {}
+        losses, reversal, semantic, samples, classical = {}, {}, {}, [], {}
         for name, model_dir, llm, mode in self._models():
             model = from_pretrained(model_dir)
             losses[name] = {d: wb.heldout_loss(model, self.ws.cache(d, "heldout", mode), llm) for d in domains}
+            reversal[name] = {d: wb.time_reversal_gain(model, self.ws.cache(d, "heldout", mode), llm, losses[name][d])
+                              for d in domains}
             pipe = wb.make_pipeline(self.ws, model_dir, llm)
             semantic[name], items = {}, []
             for d in domains:
@@ -185,8 +187,8 @@ class Demo:
             result = evaluate_videos(items, progress=False)  # modelgrow evaluate: the dimensions with no weights
             write_report(result, self.path("evaluate", f"evaluation_{name}"))
             classical[name] = result["summary"]
-        return {"heldout_loss": losses, "semantic": semantic, "samples": samples, "classical": classical,
-                "evaluator": str(self.ws.evaluator_path)}
+        return {"heldout_loss": losses, "time_reversal_gain": reversal, "semantic": semantic, "samples": samples,
+                "classical": classical, "evaluator": str(self.ws.evaluator_path)}
 
     def stage_release(self):
         """Copy the VAE, T5, EMA model and evaluator into the bundle; write base.json, train_log.jsonl, samples.png."""
@@ -240,6 +242,11 @@ class Demo:
         grow, ev, cont = self.info("grow"), self.info("evaluate"), self.info("continual")
         L, sem = ev["heldout_loss"], ev["semantic"]
         f4 = lambda v: f"{v:.4f}"  # noqa: E731
+        gains = ev.get("time_reversal_gain", {})  # absent in an evaluation made before it existed
+
+        def rev(m):
+            return " | ".join(f"{gains[m][d]:+.3f}" if d in gains.get(m, {}) else "–" for d in "AB")
+
         row = lambda m, d: " | ".join(f"{sem[m][d][a]:.2f}" for a in (*ATTRS, "semantic_score"))  # noqa: E731
         cls = ev["classical"]
         dims = sorted({k for m in cls.values() for k in m if isinstance(m.get(k), (int, float))})
@@ -255,9 +262,14 @@ class Demo:
             f"depth {grow['depth'][0]} -> {grow['depth'][1]}, parameters {grow['params'][0]:,} -> {grow['params'][1]:,};",
             f"function preservation on held-out A inputs: max |grown - base| = {grow['max_abs_diff']:.2e}", "",
             "## Held-out denoising loss (lower is better; `heldout_loss.png`)", "",
-            "| model | A (forgetting) | B (new knowledge) |", "|---|---|---|",
-            f"| base (pre-trained on A) | {f4(L['base']['A'])} | {f4(L['base']['B'])} |",
-            f"| grown + LLM, after continual pre-training on B | {f4(L['continual']['A'])} | {f4(L['continual']['B'])} |", "",
+            "| model | A (forgetting) | B (new knowledge) | time-reversal gain A | B |", "|---|---|---|---|---|",
+            f"| base (pre-trained on A) | {f4(L['base']['A'])} | {f4(L['base']['B'])} | {rev('base')} |",
+            f"| grown + LLM, after continual pre-training on B | {f4(L['continual']['A'])} | {f4(L['continual']['B'])} | "
+            f"{rev('continual')} |", "",
+            "Time-reversal gain: the held-out loss on the same clips played backwards, relative to forwards, minus 1",
+            "(`workbench.time_reversal_gain`). A reversed clip contradicts its caption's direction, so a model that reads",
+            "the prompted direction scores > 0; 0 means the direction words are ignored (a model that memorised one",
+            "clip: 22).", "",
             f"## What the semantic evaluator reads in sampled videos ({self.size.sample_prompts} held-out prompts per domain)", "",
             "Accuracy per attribute against the prompt (shape / colour / direction: the trained classifier; background:",
             "measured), and their mean. Contact sheets: `contact_sheet_base.png`, `contact_sheet_continual.png`.", "",

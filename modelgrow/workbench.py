@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 __all__ = ["DemoSize", "QUICK", "DEFAULT_BASE", "BASE_SIZE_KEYS", "Workspace", "make_data", "build_t5", "build_llm",
-           "train_vae", "build_caches", "train_config", "train_and_export", "heldout_batch", "heldout_loss",
+           "train_vae", "build_caches", "train_config", "train_and_export", "heldout_batch", "heldout_loss", "time_reversal_gain",
            "make_pipeline", "sample_and_score", "load_evaluator", "load_base_info", "check_base", "git_sha", "read_frames"]
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "demo_base"
@@ -291,22 +291,40 @@ def heldout_batch(cache: Path) -> dict:
 
 
 @torch.no_grad()
-def heldout_loss(model, cache: Path, llm: bool) -> float:
-    """Mean IDDPM loss over a held-out cache at 8 fixed timesteps with fixed noise (the same for every model)."""
+def heldout_loss(model, cache: Path, llm: bool, reverse_time: bool = False) -> float:
+    """Mean IDDPM loss over a held-out cache at 8 fixed timesteps with fixed noise (the same for every model).
+
+    ``reverse_time``: the same noisy clips with their frames in reverse order (noise reversed too), captions
+    unchanged. The synthetic worlds are time-symmetric (a clip played backwards is a clip of the opposite
+    direction), so a model that ignores the prompted direction has the same loss either way, and a model that reads
+    it has a higher loss on the reversed clips: :func:`time_reversal_gain`."""
     from .diffusion import IDDPM
 
     diffusion = IDDPM(timestep_respacing="")
     b = heldout_batch(cache)
-    x0 = b["latent"].float()
+    x0 = b["latent"].float()  # [B, C, T, H, W]
+    if reverse_time:
+        x0 = x0.flip(2)
     losses = []
     for k, tv in enumerate(np.linspace(50, 950, 8).round().astype(int)):
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1000 + k))
+        if reverse_time:
+            noise = noise.flip(2)
         t = torch.full((x0.shape[0],), int(tv), dtype=torch.long)
         kw = {"y": b["y"], "mask": b["mask"]}
         if llm:
             kw |= {"y_llm": b["y_llm"], "llm_mask": b["llm_mask"]}
         losses.append(diffusion.training_losses(model, x0, t, model_kwargs=kw, noise=noise)["loss"].mean().item())
     return float(np.mean(losses))
+
+
+def time_reversal_gain(model, cache: Path, llm: bool, loss: float | None = None) -> float:
+    """Held-out loss on time-reversed clips minus on the clips (relative to the latter): how much the model uses
+    the prompted motion direction. 0: not at all (a model blind to frame order, or one that ignores the direction
+    words); > 0: the reversed clips, which contradict their captions, are predicted worse. ``loss``: the model's
+    ``heldout_loss`` on ``cache`` if already known."""
+    fwd = heldout_loss(model, cache, llm) if loss is None else loss
+    return (heldout_loss(model, cache, llm, reverse_time=True) - fwd) / fwd
 
 
 def make_pipeline(ws: Workspace, model_dir: Path, llm: bool, template: bool = True):

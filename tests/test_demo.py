@@ -37,12 +37,13 @@ def test_quick_demo_produces_every_artefact(tmp_path):
         assert (out / stage / "DONE").exists(), stage
     report = (out / "report.md").read_text()
     for needle in ("Held-out denoising loss", "semantic evaluator", "function preservation", "parameters",
-                   "temporal_flickering", "| continual | B |"):
+                   "temporal_flickering", "| continual | B |", "time-reversal gain A"):
         assert needle in report, needle
     for png in ("loss_curves.png", "heldout_loss.png", "contact_sheet_base.png", "contact_sheet_continual.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
     ev = json.loads((out / "evaluate" / "DONE").read_text())
     assert {s["model"] for s in ev["samples"]} == {"base", "continual"}
+    assert {m: set(g) for m, g in ev["time_reversal_gain"].items()} == {"base": {"A", "B"}, "continual": {"A", "B"}}
     for s in ev["samples"]:
         assert (out / "evaluate" / s["video"]).stat().st_size > 0
         assert set(s["read"]) == set(s["truth"]) == {"shape", "color", "direction", "background"}
