@@ -69,7 +69,7 @@ class ModelConfig:
     time_scale: float = _f(1.0, "temporal position-embedding scale")
     temporal_pos: Literal["attention", "tokens"] = _f(
         "attention", "where the temporal position embedding enters: attention = one block's temporal attention "
-        "(Open-Sora v1.0), tokens = every token after the patch embedding (as Latte; the demo's choice)")
+        "(Open-Sora v1.0), tokens = every token after the patch embedding (as Latte)")
     from_pretrained: str | None = _f(None, "checkpoint to load: Open-Sora/PixArt .pth, .safetensors or a pretrained dir")
 
     def __post_init__(self) -> None:

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 __all__ = ["DemoSize", "QUICK", "DEFAULT_BASE", "BASE_SIZE_KEYS", "Workspace", "make_data", "build_t5", "build_llm",
-           "train_vae", "build_caches", "train_config", "train_and_export", "heldout_batch", "heldout_loss", "time_reversal_gain",
-           "make_pipeline", "sample_and_score", "load_evaluator", "load_base_info", "check_base", "git_sha", "read_frames"]
+           "train_vae", "build_caches", "train_config", "train_and_export", "heldout_batch", "heldout_loss",
+           "time_reversal_gain", "make_pipeline", "sample_and_score", "load_evaluator", "load_base_info", "check_base", "git_sha", "read_frames"]
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "assets" / "demo_base"
 
@@ -59,7 +59,7 @@ class DemoSize:
     depth: int = 4
     hidden: int = 128
     heads: int = 4
-    temporal_pos: str = "attention"
+    temporal_pos: str = "attention"  # Open-Sora v1.0's placement of the temporal embedding (STDiT.temporal_pos)
     t5_tokens: int = 48
     llm_tokens: int = 48
     batch: int = 16
@@ -93,8 +93,8 @@ QUICK = DemoSize(n_train=8, n_heldout=4, frames=4, size=32, vae_steps=4, vae_cha
                  sample_steps=2, sample_prompts=1, classifier_train=32, classifier_steps=5, val_every=2, val_samples=1)
 
 # what a base bundle fixes: the continual stage must use the same data geometry, VAE, DiT and text sizes
-BASE_SIZE_KEYS = ("frames", "size", "vae_channels", "vae_latent_channels", "patch", "depth", "hidden", "heads", "temporal_pos",
-                  "t5_tokens")
+BASE_SIZE_KEYS = ("frames", "size", "vae_channels", "vae_latent_channels", "patch", "depth", "hidden", "heads",
+                  "temporal_pos", "t5_tokens")
 
 
 class Workspace:

@@ -97,7 +97,8 @@ def cross_attention(x, cond_list, sd, name, heads):
 def reference_forward(sd, cfg, x, timestep, y, mask=None, temporal=True, return_tokens=False):
     """sd: state dict; cfg: dict with depth, hidden_size, num_heads, patch_size, input_size, space_scale,
     time_scale, in_channels, pred_sigma (and optionally temporal_pos: "tokens" adds the temporal table to the
-    tokens with the spatial one instead of to block 0's temporal-attention input). x [B, Cin, T, H, W]; timestep [B]; y [B, 1, L, Ccap]; mask [B', L].
+    tokens with the spatial one instead of to block 0's temporal-attention input).
+    x [B, Cin, T, H, W]; timestep [B]; y [B, 1, L, Ccap]; mask [B', L].
     temporal=False runs PixArt-alpha (no temporal attention), for checking the PixArt conversion."""
     sd = {k: v.to(F64) for k, v in sd.items()}
     C, heads, depth = cfg["hidden_size"], cfg["num_heads"], cfg["depth"]

@@ -14,9 +14,9 @@ as ``opensora/models/stdit/stdit.py`` (v1.0), quirks included:
 
 One departure is available and off by default: ``temporal_pos="tokens"`` adds the temporal position embedding
 to every token once, with the spatial one (as Latte does), instead of to one block's temporal-attention input.
-With v1.0's placement a frame learns its index only through attention weights; on the synthetic workbench the
-v1.0 model never learned the prompted motion direction (its samples are reverse-symmetric in time), see
-``docs/demo_recipe.md``.
+With v1.0's placement a token learns its frame index only through attention weights; on the synthetic workbench
+the v1.0 model never learned the prompted motion direction (reversing its input's frames reverses its output),
+see ``docs/demo_recipe.md`` section 7.
 
 Layout of the token stream: ``[B, T*S, C]`` with frames outermost (T = latent frames / patch_t,
 S = spatial tokens per frame).
