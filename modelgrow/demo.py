@@ -375,10 +375,10 @@ def contact_sheet(eval_dir: Path, samples: list[dict], model: str, title: str = 
         ax = axes[r, 0]
         ax.axis("off")
         ax.text(0, 0.95, f"[{s['domain']}] {s['prompt']}", fontsize=7, wrap=True, va="top", transform=ax.transAxes)
-        ax.text(0, 0.42, "evaluator read:", fontsize=6, transform=ax.transAxes)
-        for k, a in enumerate(ATTRS):
+        ax.text(0, 0.56, "evaluator read:", fontsize=6, transform=ax.transAxes)
+        for k, a in enumerate(ATTRS):  # one line each: "direction: down-right WRONG" does not fit half a column
             ok = s["read"].get(a) == s["truth"].get(a)
-            ax.text(0.02 + 0.5 * (k % 2), 0.22 - 0.2 * (k // 2), f"{a}: {s['read'].get(a)} {'ok' if ok else 'WRONG'}",
+            ax.text(0.04, 0.42 - 0.13 * k, f"{a}: {s['read'].get(a)} {'ok' if ok else 'WRONG'}",
                     fontsize=6, transform=ax.transAxes, color="tab:green" if ok else "tab:red")
         for t in range(T):
             axes[r, t + 1].imshow(frames[t] if t < len(frames) else np.zeros_like(frames[0]), interpolation="nearest")
