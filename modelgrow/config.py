@@ -70,6 +70,9 @@ class ModelConfig:
     temporal_pos: Literal["attention", "tokens"] = _f(
         "attention", "where the temporal position embedding enters: attention = one block's temporal attention "
         "(Open-Sora v1.0), tokens = every token after the patch embedding (as Latte)")
+    prediction_type: Literal["epsilon", "v_prediction"] = _f(
+        "epsilon", "what the model predicts: epsilon (Open-Sora v1.0) or v_prediction (v = sqrt(ab) eps - "
+        "sqrt(1 - ab) x0; trains the caption at high noise, where eps gets almost no signal)")
     from_pretrained: str | None = _f(None, "checkpoint to load: Open-Sora/PixArt .pth, .safetensors or a pretrained dir")
 
     def __post_init__(self) -> None:
@@ -111,6 +114,7 @@ class ModelConfig:
             space_scale=self.space_scale,
             time_scale=self.time_scale,
             temporal_pos=self.temporal_pos,
+            prediction_type=self.prediction_type,
         )
         return kw
 
@@ -248,6 +252,10 @@ class TrainConfig:
         "spends more steps on the mid-noise levels where a clip's layout and motion are decided")
     timestep_mean: float = _f(0.0, "logit-normal timestep sampling: mean of the logit (> 0: noisier timesteps)")
     timestep_std: float = _f(1.0, "logit-normal timestep sampling: standard deviation of the logit")
+    high_noise_share: float = _f(0.0, "fraction of training samples whose timestep is drawn uniformly from "
+                                      "[high_noise_from, 1000) instead (0: off, Open-Sora v1.0); with v_prediction it "
+                                      "teaches the caption where x_t no longer shows the clip (the motion's direction)")
+    high_noise_from: int = _f(800, "lowest timestep of the high-noise share")
     param_dtype: Literal["float32", "bfloat16"] = _f(
         "float32", "dtype the trained weights, their gradients and the optimizer state are kept in (the EMA is fp32 "
         "either way): float32 (master weights, the default) or bfloat16 (pure-bf16 training: half the memory; needs "
@@ -294,6 +302,8 @@ class TrainConfig:
         _check(self.timestep_sampling in ("uniform", "logit_normal"), "train.timestep_sampling",
                f"unknown {self.timestep_sampling!r}; choose uniform or logit_normal")
         _check(self.timestep_std > 0, "train.timestep_std", f"must be > 0, got {self.timestep_std}")
+        _check(0.0 <= self.high_noise_share <= 1.0, "train.high_noise_share", f"must be in [0, 1], got {self.high_noise_share}")
+        _check(0 <= self.high_noise_from < 1000, "train.high_noise_from", f"must be in [0, 1000), got {self.high_noise_from}")
         _check(self.ema_inv_gamma > 0, "train.ema_inv_gamma", f"must be > 0, got {self.ema_inv_gamma}")
         _check(self.ema_power > 0, "train.ema_power", f"must be > 0, got {self.ema_power}")
         _check(0.0 <= self.ema_min_decay <= self.ema_decay, "train.ema_min_decay",

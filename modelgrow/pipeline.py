@@ -135,10 +135,15 @@ class ModelGrowPipeline(DiffusionPipeline):
             raise ValueError("the llm_encoder needs its llm_tokenizer")
         if recaptioner is not None and recaptioner_tokenizer is None:
             raise ValueError("the recaptioner needs its recaptioner_tokenizer")
+        pred = getattr(transformer, "prediction_type", "epsilon")
         if scheduler is None:
-            scheduler = make_scheduler(sampler or SAMPLING_DEFAULTS["sampler"])
+            scheduler = make_scheduler(sampler or SAMPLING_DEFAULTS["sampler"], prediction_type=pred)
         elif sampler is not None:
             raise ValueError("give a scheduler or a sampler name, not both")
+        elif getattr(scheduler.config, "prediction_type", pred) != pred:
+            raise ValueError(f"the scheduler expects prediction_type={scheduler.config.prediction_type!r} but the "
+                             f"transformer predicts {pred!r}: build it with "
+                             f"make_scheduler(name, prediction_type={pred!r}) or from_config(..., prediction_type={pred!r})")
         self.register_modules(transformer=transformer, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler, llm_encoder=llm_encoder, llm_tokenizer=llm_tokenizer,
                               recaptioner=recaptioner, recaptioner_tokenizer=recaptioner_tokenizer)
@@ -382,7 +387,8 @@ class ModelGrowPipeline(DiffusionPipeline):
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs may hold {self._callback_tensor_inputs}, not {sorted(bad)}")
         mode = prompt_mode or cfg["prompt_mode"]
-        scheduler = make_scheduler(sampler) if sampler is not None else self.scheduler
+        scheduler = (make_scheduler(sampler, prediction_type=getattr(self.transformer, "prediction_type", "epsilon"))
+                     if sampler is not None else self.scheduler)
         n = len(shorts) * nv
         if isinstance(generator, list) and len(generator) != n:
             raise ValueError(f"got {len(generator)} generators for {n} videos ({len(shorts)} prompts x {nv} per prompt)")

@@ -59,7 +59,9 @@ class DemoSize:
     depth: int = 4
     hidden: int = 128
     heads: int = 4
-    temporal_pos: str = "attention"  # Open-Sora v1.0's placement of the temporal embedding (STDiT.temporal_pos)
+    temporal_pos: str = "tokens"  # the temporal embedding on every token (STDiT.temporal_pos; v1.0: "attention")
+    prediction_type: str = "v_prediction"  # STDiT.prediction_type (v1.0: "epsilon"); with eps the caption's
+    # direction word gets no gradient where the direction is decided (docs/demo_recipe.md section 8)
     t5_tokens: int = 48
     llm_tokens: int = 48
     batch: int = 16
@@ -67,6 +69,7 @@ class DemoSize:
     # the same held-out loss as float32 (0.0177 vs 0.0176 at step 4000)
     ema_decay: float = 0.99
     timestep_sampling: str = "logit_normal"
+    high_noise_share: float = 0.3  # of the training timesteps drawn from [800, 1000) instead (section 8)
     warmup_steps: int = 100  # linear warm-up, then a cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
     # base pre-training on A (base bundle)
@@ -94,7 +97,9 @@ QUICK = DemoSize(n_train=8, n_heldout=4, frames=4, size=32, vae_steps=4, vae_cha
 
 # what a base bundle fixes: the continual stage must use the same data geometry, VAE, DiT and text sizes
 BASE_SIZE_KEYS = ("frames", "size", "vae_channels", "vae_latent_channels", "patch", "depth", "hidden", "heads",
-                  "temporal_pos", "t5_tokens")
+                  "temporal_pos", "prediction_type", "t5_tokens")
+# what a bundle made before a key existed was made with
+_BEFORE_KEY = {"temporal_pos": "attention", "prediction_type": "epsilon"}
 
 
 class Workspace:
@@ -247,12 +252,13 @@ def train_config(ws: Workspace, out: Path, steps: int, lr: float, cache: Path, e
         "--model.in_channels", str(s.vae_latent_channels),
         "--model.patch_size", f"1,{s.patch},{s.patch}",
         "--model.caption_channels", "32", "--model.model_max_length", str(s.t5_tokens), "--model.space_scale", "1.0",
-        "--model.temporal_pos", s.temporal_pos,
+        "--model.temporal_pos", s.temporal_pos, "--model.prediction_type", s.prediction_type,
         "--data.cache_dir", str(cache), "--data.t5", str(ws.t5_dir), "--data.llm", str(ws.llm_dir),
         "--data.vae", str(ws.vae_dir),
         "--train.steps", str(steps), "--train.batch_size", str(s.batch), "--train.output_dir", str(out),
         "--train.log_every", str(max(1, steps // 20)), "--train.compute_dtype", s.compute_dtype, "--train.seed", str(seed),
         "--train.ema_decay", str(s.ema_decay), "--train.timestep_sampling", s.timestep_sampling,
+        "--train.high_noise_share", str(s.high_noise_share),
         "--optim.lr", str(lr), "--optim.warmup_steps", str(s.warmup_steps),
         "--optim.decay_steps", str(max(steps - s.warmup_steps, 0)), "--optim.min_lr_ratio", str(s.min_lr_ratio),
         "--checkpoint.every_steps", str(min(steps, s.val_every) if val else steps), "--grow.llm_channels", "32",
@@ -292,7 +298,8 @@ def heldout_batch(cache: Path) -> dict:
 
 @torch.no_grad()
 def heldout_loss(model, cache: Path, llm: bool, reverse_time: bool = False) -> float:
-    """Mean IDDPM loss over a held-out cache at 8 fixed timesteps with fixed noise (the same for every model).
+    """Mean IDDPM loss over a held-out cache at 8 fixed timesteps with fixed noise (the same for every model);
+    for a v-predicting model the loss of its prediction converted to eps (``eps_loss``), so losses compare.
 
     ``reverse_time``: the same noisy clips with their frames in reverse order (noise reversed too), captions
     unchanged. The synthetic worlds are time-symmetric (a clip played backwards is a clip of the opposite
@@ -300,7 +307,7 @@ def heldout_loss(model, cache: Path, llm: bool, reverse_time: bool = False) -> f
     it has a higher loss on the reversed clips: :func:`time_reversal_gain`."""
     from .diffusion import IDDPM
 
-    diffusion = IDDPM(timestep_respacing="")
+    diffusion = IDDPM(timestep_respacing="", prediction_type=getattr(model, "prediction_type", "epsilon"))
     b = heldout_batch(cache)
     x0 = b["latent"].float()  # [B, C, T, H, W]
     if reverse_time:
@@ -314,7 +321,7 @@ def heldout_loss(model, cache: Path, llm: bool, reverse_time: bool = False) -> f
         kw = {"y": b["y"], "mask": b["mask"]}
         if llm:
             kw |= {"y_llm": b["y_llm"], "llm_mask": b["llm_mask"]}
-        losses.append(diffusion.training_losses(model, x0, t, model_kwargs=kw, noise=noise)["loss"].mean().item())
+        losses.append(diffusion.training_losses(model, x0, t, model_kwargs=kw, noise=noise)["eps_loss"].mean().item())
     return float(np.mean(losses))
 
 
@@ -398,8 +405,8 @@ def check_base(base_dir: Path, size: DemoSize) -> dict[str, Any]:
     info = load_base_info(base_dir)
     made = info["size"]
     want = json.loads(json.dumps(asdict(size)))
-    older = json.loads(json.dumps(asdict(DemoSize())))  # a key newer than the bundle: it was made with the default
-    diff = {k: (made.get(k, older[k]), want[k]) for k in BASE_SIZE_KEYS if made.get(k, older[k]) != want[k]}
+    diff = {k: (made.get(k, _BEFORE_KEY.get(k)), want[k]) for k in BASE_SIZE_KEYS
+            if made.get(k, _BEFORE_KEY.get(k)) != want[k]}
     if diff:
         raise ValueError(f"the base bundle at {base_dir} was made with other sizes (bundle, this run): {diff}; rebuild it "
                          f"with `modelgrow demo --pretrain-base` at these sizes or use the matching --base-dir")

@@ -18,6 +18,7 @@ from modelgrow.diffusion import (
     cfg_model_fn,
     discretized_gaussian_log_likelihood,
     get_sampler,
+    make_scheduler,
     normal_kl,
     space_timesteps,
     two_condition_model_fn,
@@ -200,7 +201,8 @@ def test_training_losses(steps, rescale):
     x0, noise = _x_start(), torch.randn(SHAPE)
     t = torch.tensor([0, 1, d.num_timesteps // 3, d.num_timesteps - 1])
     out = d.training_losses(model, x0, t, noise=noise)
-    assert set(out) == {"loss", "mse", "vb"} and out["loss"].shape == (SHAPE[0],)
+    assert set(out) == {"loss", "mse", "vb", "eps_loss"} and out["loss"].shape == (SHAPE[0],)
+    assert torch.equal(out["eps_loss"], out["loss"])  # an eps model's loss is its eps loss
     # guided-diffusion scales VB by num_timesteps / 1000 only for RESCALED_MSE (Open-Sora's default is MSE)
     ref = r.losses(model, x0, t, noise, vb_scale=d.num_timesteps / 1000 if rescale else 1.0)
     for k in ("mse", "vb", "loss"):
@@ -422,6 +424,58 @@ def test_fast_samplers_recover_known_x0(name, steps):
     ts = [int(c[0]) for c in model.calls]
     assert len(ts) == steps and ts[0] == 999 and all(c.dtype == torch.long for c in model.calls)
     assert ts == _ref_ts(steps)  # trailing spacing
+
+
+class TrueV(TrueEps):
+    """v of a known x0: sqrt(ab) eps - sqrt(1 - ab) x0 (Salimans & Ho 2022), plus mid-range variance channels."""
+
+    def __call__(self, x, t, **kwargs):
+        self.calls.append(t.clone())
+        ab = self.ab[t.long()].view(-1, *([1] * (x.ndim - 1)))
+        eps = (x.double() - ab.sqrt() * self.x0) / (1 - ab).sqrt()
+        v = (ab.sqrt() * eps - (1 - ab).sqrt() * self.x0).float()
+        return torch.cat([v, torch.zeros_like(v)], 1) if self.learn_sigma else v
+
+
+def test_v_prediction_losses_and_x0():
+    """prediction_type="v_prediction": the exact v gives x0 back at every t and zero MSE; the eps loss of a wrong
+    v is the eps MSE of the eps it implies (eps = sqrt(ab) v + sqrt(1 - ab) x_t), plus the same VB term."""
+    d, x0, noise = IDDPM(prediction_type="v_prediction"), _x_start(), torch.randn(SHAPE)
+    assert d.model_mean_type == ModelMeanType.VELOCITY and IDDPM().model_mean_type == ModelMeanType.EPSILON
+    t = torch.tensor([0, 1, 500, 999])
+    x_t = d.q_sample(x0, t, noise)
+    out = d.p_mean_variance(TrueV(x0), x_t, t, clip_denoised=False)
+    _close(out["pred_xstart"], x0, rtol=1e-4, atol=1e-4)
+    assert d.training_losses(TrueV(x0), x0, t, noise=noise)["mse"].abs().max() < 1e-8
+    wrong = torch.randn(SHAPE[0], 2 * SHAPE[1], *SHAPE[2:])
+    got = d.training_losses(lambda *_a, **_k: wrong, x0, t, noise=noise)
+    ab = torch.from_numpy(Ref(f32_betas=False).base_ac)[t].view(-1, 1, 1, 1, 1)
+    eps_hat = ab.sqrt() * wrong[:, :4].double() + (1 - ab).sqrt() * x_t.double()
+    v_true = ab.sqrt() * noise.double() - (1 - ab).sqrt() * x0.double()
+    _close(got["mse"], ((wrong[:, :4].double() - v_true) ** 2).mean((1, 2, 3, 4)))
+    _close(got["eps_loss"], ((eps_hat - noise.double()) ** 2).mean((1, 2, 3, 4)) + got["vb"].double())
+    with pytest.raises(ValueError, match="prediction_type"):
+        IDDPM(prediction_type="v")
+
+
+@pytest.mark.parametrize("name,steps", [("iddpm", 20), ("ddim", 20), ("dpm-solver", 10), ("euler", 10)])
+def test_samplers_take_a_v_prediction_model(name, steps):
+    x0 = torch.randn(SHAPE)
+    v_out = get_sampler(name, steps, prediction_type="v_prediction")(TrueV(x0, learn_sigma=name == "iddpm"), SHAPE,
+                                                                     noise=torch.randn(SHAPE))
+    _close(v_out, x0, rtol=1e-3, atol=1e-3)
+    if name != "iddpm":  # the same model read as eps does not (the ancestral IDDPM corrects itself at low noise,
+        # where v ~ eps: there the first step's x0 tells)
+        eps_out = get_sampler(name, steps)(TrueV(x0), SHAPE, noise=torch.randn(SHAPE))
+        assert (eps_out - x0).abs().max() > 0.5
+        return
+    x_t = torch.randn(SHAPE)
+    for pred, ok in (("v_prediction", True), ("epsilon", False)):
+        sched = make_scheduler("iddpm", prediction_type=pred)
+        sched.set_timesteps(steps)
+        t = sched.timesteps[0]
+        x0_hat = sched.step(TrueV(x0)(x_t, t.expand(SHAPE[0])), t, x_t).pred_original_sample
+        assert ((x0_hat - x0).abs().max() < 1e-3) == ok
 
 
 def test_euler_scheduler_swaps_in():

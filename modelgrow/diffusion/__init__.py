@@ -57,7 +57,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def get_sampler(name: str, steps: int) -> Callable:
+def get_sampler(name: str, steps: int, prediction_type: str = "epsilon") -> Callable:
     """``sample(model_fn, shape, noise=None, model_kwargs=None, progress=False, device=None) -> x0``: the
     scheduler ``make_scheduler(name)`` run for ``steps`` model calls over the whole batch (see
     :func:`modelgrow.diffusion.schedulers.denoise`). iddpm draws its per-step noise from torch's global RNG,
@@ -68,7 +68,7 @@ def get_sampler(name: str, steps: int) -> Callable:
 
     from .schedulers import denoise, make_scheduler, scheduler_name
 
-    scheduler = make_scheduler(name)
+    scheduler = make_scheduler(name, prediction_type=prediction_type)
 
     def sample(model_fn, shape, noise=None, model_kwargs=None, progress=False, device=None):
         if not isinstance(shape, (tuple, list)):

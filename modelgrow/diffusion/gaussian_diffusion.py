@@ -37,6 +37,7 @@ class ModelMeanType(enum.Enum):
     PREVIOUS_X = enum.auto()
     START_X = enum.auto()
     EPSILON = enum.auto()
+    VELOCITY = enum.auto()  # v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022; not Open-Sora v1.0's)
 
 
 class ModelVarType(enum.Enum):
@@ -246,6 +247,18 @@ class GaussianDiffusion:
             _extract_into_tensor(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart
         ) / _extract_into_tensor(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape)
 
+    def _predict_xstart_from_v(self, x_t, t, v):
+        return (_extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+                - _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v)
+
+    def _predict_eps_from_v(self, x_t, t, v):
+        return (_extract_into_tensor(self.sqrt_alphas_cumprod, t, x_t.shape) * v
+                + _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * x_t)
+
+    def _velocity(self, x_start, t, noise):
+        return (_extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
+                - _extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start)
+
     def _model_variance(self, model_output, x, t):
         """Split the model output into (mean part, variance, log-variance)."""
         B, C = x.shape[:2]
@@ -290,6 +303,8 @@ class GaussianDiffusion:
             pred_xstart = process_xstart(model_output)
         elif self.model_mean_type == ModelMeanType.EPSILON:
             pred_xstart = process_xstart(self._predict_xstart_from_eps(x_t=x, t=t, eps=model_output))
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            pred_xstart = process_xstart(self._predict_xstart_from_v(x_t=x, t=t, v=model_output))
         else:
             raise NotImplementedError(self.model_mean_type)
         model_mean, _, _ = self.q_posterior_mean_variance(x_start=pred_xstart, x_t=x, t=t)
@@ -387,12 +402,21 @@ class GaussianDiffusion:
             target = noise
         elif self.model_mean_type == ModelMeanType.START_X:
             target = x_start
+        elif self.model_mean_type == ModelMeanType.VELOCITY:
+            target = self._velocity(x_start, t, noise)
         else:
             target = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)[0]
         if model_output.shape != target.shape:
             raise ValueError("model output and target shapes differ")
         terms["mse"] = mean_flat((target - model_output) ** 2)
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
+        # the loss an eps-predicting model would report for the same prediction: held-out losses stay comparable
+        # across parametrisations (identical to "loss" for an eps model)
+        if self.model_mean_type == ModelMeanType.VELOCITY:
+            eps_mse = mean_flat((noise - self._predict_eps_from_v(x_t, t, model_output)) ** 2)
+            terms["eps_loss"] = eps_mse + terms["vb"] if "vb" in terms else eps_mse
+        elif self.model_mean_type == ModelMeanType.EPSILON:
+            terms["eps_loss"] = terms["loss"]
         return terms
 
     def _prior_bpd(self, x_start):

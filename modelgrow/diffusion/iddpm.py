@@ -5,7 +5,20 @@ from __future__ import annotations
 from .gaussian_diffusion import LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 from .respace import SpacedDiffusion, space_timesteps
 
-__all__ = ["IDDPM"]
+__all__ = ["IDDPM", "PREDICTION_TYPES", "mean_type_of"]
+
+
+PREDICTION_TYPES = {"epsilon": ModelMeanType.EPSILON, "sample": ModelMeanType.START_X,
+                    "v_prediction": ModelMeanType.VELOCITY}  # diffusers' names
+
+
+def mean_type_of(prediction_type: str | None, predict_xstart: bool = False) -> ModelMeanType:
+    """The ``ModelMeanType`` of a diffusers ``prediction_type`` name (None: ``predict_xstart`` decides)."""
+    if prediction_type is None:
+        return ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {sorted(PREDICTION_TYPES)}, got {prediction_type!r}")
+    return PREDICTION_TYPES[prediction_type]
 
 
 class IDDPM(SpacedDiffusion):
@@ -15,7 +28,9 @@ class IDDPM(SpacedDiffusion):
     ``num_sampling_steps=N`` respaces to ``str(N)`` (uniform over the 1000 steps, both ends kept); with
     neither it nor ``timestep_respacing`` every step is kept (training). The model is called with the
     original integer timesteps (no rescaling). ``float32_betas=True`` rounds the respaced betas to float32
-    as Open-Sora v1.1+ does; the default (float64) is v1.0.0's.
+    as Open-Sora v1.1+ does; the default (float64) is v1.0.0's. ``prediction_type`` (diffusers' names:
+    ``epsilon``, ``sample``, ``v_prediction``) overrides ``predict_xstart``; ``v_prediction`` is not Open-Sora
+    v1.0's (see :class:`modelgrow.diffusion.ModelMeanType`).
     """
 
     def __init__(
@@ -30,6 +45,7 @@ class IDDPM(SpacedDiffusion):
         rescale_learned_sigmas=False,
         diffusion_steps=1000,
         float32_betas=False,
+        prediction_type=None,
     ):
         betas = get_named_beta_schedule(noise_schedule, diffusion_steps)
         if use_kl:
@@ -51,7 +67,7 @@ class IDDPM(SpacedDiffusion):
         super().__init__(
             use_timesteps=space_timesteps(diffusion_steps, timestep_respacing),
             betas=betas,
-            model_mean_type=ModelMeanType.START_X if predict_xstart else ModelMeanType.EPSILON,
+            model_mean_type=mean_type_of(prediction_type, predict_xstart),
             model_var_type=var_type,
             loss_type=loss_type,
             float32_betas=float32_betas,

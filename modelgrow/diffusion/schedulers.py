@@ -77,8 +77,8 @@ class IDDPMScheduler(SchedulerMixin, ConfigMixin):
     ):
         if variance_type not in ("learned_range", "fixed_small", "fixed_large"):
             raise ValueError(f"variance_type must be learned_range, fixed_small or fixed_large, got {variance_type!r}")
-        if prediction_type not in ("epsilon", "sample"):
-            raise ValueError(f"prediction_type must be epsilon or sample, got {prediction_type!r}")
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type must be epsilon, sample or v_prediction, got {prediction_type!r}")
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self._build(None)
@@ -89,7 +89,7 @@ class IDDPMScheduler(SchedulerMixin, ConfigMixin):
         self.diffusion = IDDPM(
             num_sampling_steps=steps, noise_schedule=c.beta_schedule, diffusion_steps=c.num_train_timesteps,
             learn_sigma=c.variance_type == "learned_range", sigma_small=c.variance_type == "fixed_small",
-            predict_xstart=c.prediction_type == "sample", float32_betas=c.float32_betas,
+            prediction_type=c.prediction_type, float32_betas=c.float32_betas,
         )
         self._index = {t: i for i, t in enumerate(self.diffusion.timestep_map)}
 

@@ -16,7 +16,10 @@ One departure is available and off by default: ``temporal_pos="tokens"`` adds th
 to every token once, with the spatial one (as Latte does), instead of to one block's temporal-attention input.
 With v1.0's placement a token learns its frame index only through attention weights; on the synthetic workbench
 the v1.0 model never learned the prompted motion direction (reversing its input's frames reverses its output),
-see ``docs/demo_recipe.md`` section 7.
+see ``docs/demo_recipe.md`` section 7. A second one, also off by default: ``prediction_type="v_prediction"``
+makes the first ``in_channels`` outputs v instead of eps (the model is the same; samplers and losses read the
+attribute). With eps the caption gets almost no gradient at the high noise levels where a motion's direction is
+decided (section 8 of the recipe).
 
 Layout of the token stream: ``[B, T*S, C]`` with frames outermost (T = latent frames / patch_t,
 S = spatial tokens per frame).
@@ -219,6 +222,7 @@ class STDiT(ModelMixin, ConfigMixin):
         enable_sequence_parallelism: bool = False,
         temporal_pos_block: int = 0,
         temporal_pos: str = "attention",
+        prediction_type: str = "epsilon",
         llm_channels: int | None = None,
         llm_max_length: int = 120,
         llm_gate: str = "scalar",
@@ -235,6 +239,8 @@ class STDiT(ModelMixin, ConfigMixin):
             )
         if temporal_pos not in TEMPORAL_POS:
             raise ValueError(f"temporal_pos must be one of {TEMPORAL_POS}, got {temporal_pos!r}")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
         if freeze not in (None, "not_temporal", "text"):
             raise ValueError(f"freeze must be None, 'not_temporal' or 'text', got {freeze!r}")
         if no_temporal_pos_emb:
@@ -262,6 +268,7 @@ class STDiT(ModelMixin, ConfigMixin):
         self.time_scale = time_scale
         self.temporal_pos_block = temporal_pos_block
         self.temporal_pos = temporal_pos
+        self.prediction_type = prediction_type  # what the first in_channels outputs mean (samplers and losses read it)
         if _HAS_DIFFUSERS:
             self.register_to_config(**config)
         else:  # pragma: no cover
@@ -608,6 +615,7 @@ class STDiT(ModelMixin, ConfigMixin):
         )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # the output's meaning: eps (Open-Sora v1.0) or v = sqrt(ab) eps - sqrt(1-ab) x0
 TEMPORAL_POS = ("attention", "tokens")  # where the temporal position embedding enters (see the module docstring)
 
 

@@ -315,7 +315,7 @@ class Validator:
                 noise = torch.stack([val_noise(j, k, x0.shape[1:]) for j in idx]).to(tr.device)
                 t = torch.full((len(idx),), tv, dtype=torch.long, device=tr.device)
                 with tr._autocast():
-                    loss = tr.diffusion.training_losses(tr.model, x0, t, model_kwargs=kw, noise=noise)["loss"]
+                    loss = tr.diffusion.training_losses(tr.model, x0, t, model_kwargs=kw, noise=noise)["eps_loss"]
                 acc[0] += w * loss.double().sum()
             acc[1] += w * len(idx) * len(VAL_TIMESTEPS)
         if tr.world > 1:
@@ -340,7 +340,7 @@ class Validator:
         groups = 3 if tr.has_llm else 2
         fn = two_condition_model_fn(forward, s.cfg_scale_t5, s.cfg_scale_llm) if tr.has_llm else cfg_model_fn(forward, s.cfg_scale_t5)
         shape = (model.in_channels, *model.input_size)
-        scheduler = make_scheduler(s.sampler)
+        scheduler = make_scheduler(s.sampler, prediction_type=tr.prediction_type)
         latents = []
         for start in range(0, len(self.prompts), s.batch_size):
             rows = self.prompts[start : start + s.batch_size]
@@ -392,6 +392,7 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg).to(self.device)
+        self.prediction_type = self.model.prediction_type  # the checkpoint's when training from one
         self.has_llm = hasattr(self.model, "llm_embedder")
         # dtypes (train.param_dtype / compute_dtype), activation checkpointing, compile, FSDP2: all in parallelize()
         self.applied = parallelize(self.model, cfg.parallel, self.world, param_dtype=cfg.train.param_dtype,
@@ -408,7 +409,7 @@ class Trainer:
         self.validator = Validator(self) if tc.val_every > 0 else None
         self.val_history: list[dict[str, Any]] = []
         self.sinks: MetricSinks | None = None
-        self.diffusion = IDDPM(timestep_respacing="")
+        self.diffusion = IDDPM(timestep_respacing="", prediction_type=self.prediction_type)
         self.data = self._data_settings()  # [data] resolved (a cache's settings where the run trains from one)
         self.loader = loader if loader is not None else self._default_loader()
         self.encoders: Encoders | None = None
@@ -527,8 +528,12 @@ class Trainer:
         return (torch.cat(ts).to(self.device), torch.stack(noises).to(self.device), torch.cat(us))
 
     def _draw_timestep(self, g: torch.Generator) -> torch.Tensor:
-        """One training timestep [1] (int64) from ``g``: uniform (Open-Sora v1.0) or logit-normal (SD3)."""
+        """One training timestep [1] (int64) from ``g``: uniform (Open-Sora v1.0) or logit-normal (SD3); with
+        ``train.high_noise_share`` > 0 that share is drawn uniformly from [high_noise_from, 1000) instead (one
+        more draw from ``g``, so runs without it keep their random streams)."""
         n, tc = self.diffusion.num_timesteps, self.cfg.train
+        if tc.high_noise_share > 0 and float(torch.rand(1, generator=g, dtype=torch.float64)) < tc.high_noise_share:
+            return torch.randint(min(tc.high_noise_from, n - 1), n, (1,), generator=g)
         if tc.timestep_sampling == "uniform":
             return torch.randint(0, n, (1,), generator=g)
         u = torch.sigmoid(tc.timestep_mean + tc.timestep_std * torch.randn(1, generator=g, dtype=torch.float64))
