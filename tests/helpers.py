@@ -1,5 +1,7 @@
 """Helpers shared by the tests."""
 
+import math
+
 import torch
 
 
@@ -41,3 +43,35 @@ def build_tiny_pipeline(d, **settings):
                              T5Encoder(str(d / "t5"), max_length=8, device="cpu"), config=settings)
     pipe.save_pretrained(d / "pipeline")
     return d / "pipeline"
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) of videos in [-1, 1]."""
+    mse = (a.clamp(-1, 1) - b.clamp(-1, 1)).square().mean().item()
+    return 10 * math.log10(4.0 / max(mse, 1e-12))
+
+
+def train_vae(frames: torch.Tensor, out, steps: int = 300, lr: float = 3e-3) -> None:
+    """A tiny AutoencoderTiny (4x downsampling, 4 latent channels) fitted to ``frames`` [N, 3, H, W] in [-1, 1],
+    latents standardised like the demo's (shift/scaling factors in the saved config)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    ch = (16, 16, 16)
+    vae = diffusers.AutoencoderTiny(encoder_block_out_channels=ch, decoder_block_out_channels=ch[::-1],
+                                    num_encoder_blocks=(1,) * 3, num_decoder_blocks=(1,) * 3)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        b = frames[torch.randint(0, len(frames), (16,), generator=g)]
+        loss = (vae.decode(vae.encode(b).latents).sample - b).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    vae.eval()
+    with torch.no_grad():
+        z = vae.encode(frames).latents
+    vae.register_to_config(shift_factor=z.mean().item(), scaling_factor=1.0 / z.std().item())
+    vae.save_pretrained(out)

@@ -41,7 +41,7 @@ import os
 import re
 import zlib
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,7 @@ __all__ = [
     "DOMAINS", "COLORS", "BACKGROUNDS", "SIZES", "SPEEDS", "DIRECTION_VECTORS", "HELDOUT_COMBOS", "SPLITS",
     "ATTRIBUTES", "MANIFEST_COLUMNS", "ClipSpec", "vocabulary", "sample_specs", "object_positions",
     "render_clip", "short_caption", "long_caption", "direction_phrase", "parse_caption", "heldout_prompts",
-    "generate", "read_manifest", "image_caption", "generate_images",
+    "generate", "write_clips", "time_reversed", "read_manifest", "image_caption", "generate_images",
 ]
 
 # ------------------------------------------------------------------------------------------------------------
@@ -214,6 +214,16 @@ def _spec_for(domain: str, split: str, seed: int, i: int) -> ClipSpec:
 def sample_specs(domain: str, n: int, seed: int = 0, split: str = "train") -> list[ClipSpec]:
     """``n`` clip specs of a domain and split; clip ``i`` depends only on (domain, split, seed, i)."""
     return [_spec_for(domain, split, seed, i) for i in range(int(n))]
+
+
+def time_reversed(spec: ClipSpec, index: int | None = None) -> ClipSpec:
+    """The spec whose clip is ``spec``'s clip played backwards: the opposite direction, starting where ``spec``
+    ends (the world is time-symmetric, so it is a valid clip of the same domain when the domain has the opposite
+    direction). ``index``: the new spec's index (default: the same)."""
+    dx, dy = DIRECTION_VECTORS[spec.direction]
+    opposite = next(k for k, (ox, oy) in DIRECTION_VECTORS.items() if math.isclose(ox, -dx) and math.isclose(oy, -dy))
+    ex, ey = spec.end()
+    return replace(spec, direction=opposite, start_x=ex, start_y=ey, index=spec.index if index is None else int(index))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -523,15 +533,28 @@ def generate(out_dir: str | os.PathLike, domain: str, split: str = "train", n: i
     exists and whose manifest row matches the requested one is not re-rendered; a manifest that already
     matches completely is left untouched. ``workers > 1`` renders/encodes in processes. Returns the manifest.
     """
+    return write_clips(out_dir, sample_specs(domain, n, seed, split), num_frames=num_frames, height=height,
+                       width=width, fps=fps, codec=codec, seed=seed, workers=workers, progress=progress,
+                       desc=f"synthetic {domain}/{split}")
+
+
+def write_clips(out_dir: str | os.PathLike, specs: list[ClipSpec], num_frames: int = 16, height: int = 64,
+                width: int = 64, fps: int = 8, codec: str = "webm", seed: int = 0, workers: int = 1,
+                progress: bool | None = None, desc: str = "synthetic") -> Path:
+    """Render the clips of ``specs`` into ``out_dir`` (``<domain>_<split>_<index>.<codec>``, so indices must be
+    unique per domain and split) and write ``out_dir/manifest.csv``; what :func:`generate` does for a sampled
+    split, for any list of specs (e.g. a clip and its :func:`time_reversed` twin). ``seed`` picks the long
+    captions' wording. Same idempotence as :func:`generate`. Returns the manifest."""
     codec = codec.lower().lstrip(".")
     if codec not in ("webm", "mp4"):
         raise ValueError(f"codec must be 'webm' or 'mp4'; got {codec!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = out_dir / "manifest.csv"
-    specs = sample_specs(domain, n, seed, split)
-    rows = [_row(s, f"{s.domain}_{split}_{s.index:06d}.{codec}", num_frames, fps, height, width, seed)
+    rows = [_row(s, f"{s.domain}_{s.split}_{s.index:06d}.{codec}", num_frames, fps, height, width, seed)
             for s in specs]
+    if len({r["path"] for r in rows}) != len(rows):
+        raise ValueError("two specs map to the same file (same domain, split and index): give each a unique index")
     old = {}
     if manifest.exists():
         try:
@@ -544,7 +567,7 @@ def generate(out_dir: str | os.PathLike, domain: str, split: str = "train", n: i
         from tqdm.auto import tqdm
 
         show = (len(todo) >= 200) if progress is None else progress
-        bar = tqdm(total=len(todo), desc=f"synthetic {domain}/{split}", unit="clip", disable=not show)
+        bar = tqdm(total=len(todo), desc=desc, unit="clip", disable=not show)
         if workers > 1 and len(todo) > 1:
             with ProcessPoolExecutor(max_workers=int(workers)) as ex:
                 for _ in ex.map(_write_one, todo, chunksize=max(1, len(todo) // (8 * workers))):
