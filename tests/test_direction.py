@@ -70,6 +70,9 @@ def pair(tmp_path_factory, one_thread):
                 image_size=(SIZE, SIZE), prompt_mode="S", batch_size=1, device="cpu")
     ds = CachedDataset(root / "cache")
     assert [ds[i]["caption"] for i in range(2)] == captions
+    # the direction word survives tokenisation and truncation to T5_TOKENS (a tokenizer trained on the two short
+    # captions alone splits them into characters and cuts both at 16 tokens, before the word: identical states)
+    assert not torch.equal(ds[0]["y"], ds[1]["y"])
     recons = [vae.decode(ds[i]["latent"][None].float()).float()[0] for i in range(2)]
     return {"root": root, "vae": vae, "t5": t5, "captions": captions, "recons": recons}
 
