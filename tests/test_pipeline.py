@@ -49,6 +49,32 @@ def _pipe(parts, llm: bool, steps=3, sampler="ddim"):
                                                                "t5_max_length": 8, "llm_max_length": 6})
 
 
+def test_a_v_prediction_transformer_gets_v_schedulers(parts, tmp_path):
+    """The scheduler follows the transformer's prediction_type (built by name, per call, after a save/load); an
+    explicit scheduler that reads the output as eps is refused with the fix in the message."""
+    from modelgrow.diffusion.schedulers import make_scheduler
+
+    t5 = T5Encoder(str(parts / "t5"), max_length=8, device="cpu")
+    vae = VideoVAE.from_pretrained(parts / "vae", micro_batch_size=2)
+    model = randomize_(STDiT(depth=2, hidden_size=32, num_heads=4, caption_channels=32, model_max_length=8,
+                             input_size=(3, 4, 4), prediction_type="v_prediction")).eval()
+    for sampler in ("iddpm", "ddim", "dpm-solver"):
+        pipe = ModelGrowPipeline(model, vae, t5, config={"sampler": sampler, "t5_max_length": 8})
+        assert pipe.scheduler.config.prediction_type == "v_prediction"
+    seen = []
+    out = pipe("a red square", num_frames=3, height=32, width=32, sampler="ddim", num_inference_steps=2,
+               output_type="latent", callback_on_step_end=lambda p, i, t, kw: seen.append(p.scheduler) or {})
+    assert out.videos.shape[1] == 4
+    pipe.save_pretrained(tmp_path / "p")
+    again = ModelGrowPipeline.from_pretrained(tmp_path / "p")
+    assert again.transformer.prediction_type == "v_prediction" and again.scheduler.config.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="prediction_type='epsilon'.*make_scheduler"):
+        ModelGrowPipeline(model, vae, t5, scheduler=make_scheduler("ddim"), config={"t5_max_length": 8})
+    with pytest.raises(ValueError, match="prediction_type must be"):
+        STDiT(depth=2, hidden_size=32, num_heads=4, caption_channels=32, model_max_length=8, input_size=(3, 4, 4),
+              prediction_type="v")
+
+
 @pytest.mark.parametrize("llm", [False, True])
 def test_pipeline_generates_deterministic_videos_with_one_forward_per_step(parts, llm):
     pipe = _pipe(parts, llm)

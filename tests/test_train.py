@@ -146,6 +146,32 @@ def test_logit_normal_timesteps(tmp_path):
         _cfg(tmp_path, "--train.timestep_sampling", "cosine")
 
 
+def test_high_noise_share(tmp_path):
+    """train.high_noise_share = p: that share of the timesteps is drawn uniformly from [high_noise_from, 1000), the
+    rest as before; p = 0 (the default) leaves every draw as it was (no extra random number)."""
+    idx = {"index": torch.arange(4000)}
+    shape = torch.Size([4000, 1, 1, 1, 1])
+
+    def draw(*over):
+        tr = Trainer(_cfg(tmp_path / "_".join(over).replace(".", ""), "--train.steps", "1",
+                          "--train.timestep_sampling", "logit_normal", *over), loader=_loader(), log=lambda *_: None)
+        return tr.sample_randomness(idx, shape)
+
+    t0, n0, u0 = draw()
+    tz, nz, uz = draw("--train.high_noise_share", "0.0")
+    assert torch.equal(t0, tz) and torch.equal(n0, nz) and torch.equal(u0, uz)
+    t, _, _ = draw("--train.high_noise_share", "0.3", "--train.high_noise_from", "800")
+    base = (t0 >= 800).float().mean().item()  # logit-normal(0, 1) alone: ~4 %
+    assert base < 0.08
+    # share p from [800, 1000) plus (1 - p) of the base draws above 800
+    assert (t >= 800).float().mean().item() == pytest.approx(0.3 + 0.7 * base, abs=0.025)
+    # uniform over [800, 1000): half of the share lands in [900, 1000)
+    base_900 = (t0 >= 900).float().mean().item()
+    assert t.max() <= 999 and (t >= 900).float().mean().item() == pytest.approx(0.15 + 0.7 * base_900, abs=0.02)
+    with pytest.raises(ValueError, match="high_noise_share"):
+        _cfg(tmp_path, "--train.high_noise_share", "1.5")
+
+
 def _changed(before, model):
     return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
 
