@@ -97,6 +97,11 @@ def test_safetensors_file_and_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(back(*_inputs()), src(*_inputs()), rtol=0, atol=0)
     half = from_pretrained(out, dtype="bfloat16")
     assert half.x_embedder.proj.weight.dtype == torch.bfloat16
+    # a model setting edited in at the top level instead of inside "config" would be ignored: refused instead
+    meta["prediction_type"] = "v_prediction"
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"\['prediction_type'\] at the top level.*into the 'config' object"):
+        from_pretrained(out)
 
 
 def test_pixart_checkpoint_equals_pixart_per_frame(tmp_path):

@@ -375,6 +375,10 @@ def from_pretrained(
         raise ValueError(f"{model_dir}: architecture {meta['architecture']!r} is not an STDiT")
     cfg = meta["config"]
     known = set(STDiT.config_fields())  # the constructor's arguments (STDiT.config_of builds a config from them)
+    misplaced = sorted(set(meta) & known)
+    if misplaced:  # a hand edit that would otherwise be ignored silently
+        raise ValueError(f"{Path(model_dir) / CONFIG_NAME}: model setting(s) {misplaced} at the top level, where they "
+                         "have no effect; move them into the 'config' object")
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ValueError(f"{Path(model_dir) / CONFIG_NAME}: unknown config field(s) {unknown}; valid fields: {sorted(known)}")
