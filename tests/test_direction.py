@@ -11,8 +11,10 @@ t >= ~850 x_t no longer shows which of the two clips it came from, so only the c
 there is nearly blind to x0 (eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab) with ab < 3e-3): the caption gets no gradient
 where the direction is decided. Predicting v = sqrt(ab) eps - sqrt(1 - ab) x0 instead (v ~ -x0 at high noise) with
 30% of the timesteps in [800, 1000) and the temporal embedding on every token: the prompted clip for every seed at
-43-55 dB. Without the tokens placement (v, 30%): the noise still decides at this budget; with every timestep in
-[850, 1000) even v1.0's placement learns it. ``DemoSize`` uses the working recipe.
+48-55 dB. Without the tokens placement (v, 30%): the noise still decides at this budget; with every timestep in
+[850, 1000) v1.0's placement follows the word in 2 of 3 cases, blurry. The table: experiments/direction_pair.py
+(docs/demo_recipe.md section 8). ``DemoSize`` keeps v1.0's objective: on the demo's world this recipe did not move
+the direction off chance at a CPU budget.
 
 The eps model is the negative control: the same data, steps and sampling, only the objective differs.
 """
