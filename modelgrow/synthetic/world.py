@@ -52,7 +52,7 @@ __all__ = [
     "DOMAINS", "COLORS", "BACKGROUNDS", "SIZES", "SPEEDS", "DIRECTION_VECTORS", "HELDOUT_COMBOS", "SPLITS",
     "ATTRIBUTES", "MANIFEST_COLUMNS", "ClipSpec", "vocabulary", "sample_specs", "object_positions",
     "render_clip", "short_caption", "long_caption", "direction_phrase", "parse_caption", "heldout_prompts",
-    "generate", "write_clips", "time_reversed", "read_manifest", "image_caption", "generate_images",
+    "generate", "write_clips", "time_reversed", "start_range", "read_manifest", "image_caption", "generate_images",
 ]
 
 # ------------------------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class ClipSpec:
         return asdict(self)
 
 
-def _start_range(r: float, d: float) -> tuple[float, float]:
+def start_range(r: float, d: float) -> tuple[float, float]:
     """Feasible start interval on one axis for half-extent r and displacement d (whole object inside)."""
     lo, hi = r + _MARGIN, 1 - r - _MARGIN
     return (lo - min(d, 0.0), hi - max(d, 0.0))
@@ -205,8 +205,8 @@ def _spec_for(domain: str, split: str, seed: int, i: int) -> ClipSpec:
     r = SIZES[pick["size"]]
     dx, dy = DIRECTION_VECTORS[pick["direction"]]
     t = SPEEDS[pick["speed"]]
-    sx = float(rng.uniform(*_start_range(r, dx * t)))
-    sy = float(rng.uniform(*_start_range(r, dy * t)))
+    sx = float(rng.uniform(*start_range(r, dx * t)))
+    sy = float(rng.uniform(*start_range(r, dy * t)))
     return ClipSpec(shape=shape, color=color, start_x=round(sx, 4), start_y=round(sy, 4), domain=domain,
                     split=split, index=int(i), seed=int(seed), **pick)
 
