@@ -62,28 +62,61 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
+def encoders_and_cache(root: Path, manifest: Path, specs, caption_rows: list[dict], t5_tokens: int,
+                       vae_steps: int = 300, cache_batch: int = 1) -> tuple[VideoVAE, T5Encoder]:
+    """A tiny VAE fitted to the clips of ``specs``, a tiny T5 whose tokenizer is trained on ``caption_rows``' short
+    and long captions, and the latent/text cache of ``manifest``, under ``root`` (each reused when present). Raises
+    when the first two clips' captions encode identically (the distinguishing word cut off by the tokenizer)."""
+    if not (root / "vae" / "config.json").exists():
+        frames = torch.cat([torch.from_numpy(render_clip(s, FRAMES, SIZE, SIZE)).permute(0, 3, 1, 2).float() / 127.5 - 1
+                            for s in specs])
+        vae, _ = train_tiny_autoencoder(frames, vae_steps, channels=(16, 16, 16))
+        vae.save_pretrained(root / "vae")
+        # short and long captions: a tokenizer trained on the short ones alone splits them into characters
+        build_tiny_t5(str(root / "t5"), vocab_size=60, d_model=32,
+                      corpus=[r[k] for r in caption_rows for k in ("caption", "long_caption")] * 10)
+    vae = VideoVAE.from_pretrained(root / "vae", micro_batch_size=16)
+    t5 = T5Encoder(str(root / "t5"), max_length=t5_tokens, device="cpu")
+    if not (root / "cache").exists():
+        build_cache(manifest, root / "cache", vae=vae, t5=t5, num_frames=FRAMES, frame_interval=1,
+                    image_size=(SIZE, SIZE), prompt_mode="S", batch_size=cache_batch, device="cpu")
+    ds = CachedDataset(root / "cache")
+    if torch.equal(ds[0]["y"], ds[1]["y"]):
+        raise RuntimeError("the first two captions encode identically (the distinguishing word was cut off)")
+    return vae, t5
+
+
+def train_tiny(cache: Path, out: Path, t5_tokens: int, prediction_type: str, temporal_pos: str, timesteps: str,
+               share: float, share_from: int, steps: int, seed: int = 42) -> float:
+    """The tiny STDiT trained on ``cache`` by the project's Trainer (batch 8, lr 2e-3, fp32, EMA 0.99), its EMA
+    weights exported to ``out / "model"``; returns the training seconds."""
+    lat = SIZE // 4
+    cfg = load_config(None, [
+        "--model.preset", "STDiT-tiny", "--model.input_size", f"{FRAMES},{lat},{lat}",
+        "--model.caption_channels", "32", "--model.model_max_length", str(t5_tokens),
+        "--model.temporal_pos", temporal_pos, "--model.prediction_type", prediction_type,
+        "--data.cache_dir", str(cache), "--data.num_workers", "0",
+        "--train.steps", str(steps), "--train.batch_size", "8", "--train.output_dir", str(out / "run"),
+        "--train.log_every", str(steps // 4), "--train.compute_dtype", "float32", "--train.ema_decay", "0.99",
+        "--train.timestep_sampling", timesteps, "--train.high_noise_share", str(share),
+        "--train.high_noise_from", str(share_from), "--train.seed", str(seed),
+        "--optim.lr", "2e-3", "--optim.warmup_steps", "50", "--optim.decay_steps", str(steps - 50),
+        "--checkpoint.every_steps", str(steps)])
+    t0 = time.perf_counter()
+    Trainer(cfg, log=lambda *_: None).fit()
+    seconds = time.perf_counter() - t0
+    export_checkpoint(latest_checkpoint(out / "run" / "checkpoints"), out / "model", "ema")
+    return seconds
+
+
 def build_pair(root: Path, kind: str) -> dict:
     """The two clips, their VAE, T5 and cache under ``root`` (reused when present)."""
     first = sample_specs("A", 1, seed=0)[0]  # a red square moving up on a gray background
     second = time_reversed(first, index=1) if kind == "reversal" else replace(first, color="blue", index=1)
     manifest = write_clips(root / "data", [first, second], num_frames=FRAMES, height=SIZE, width=SIZE, progress=False)
     rows = read_manifest(manifest)
-    if not (root / "vae" / "config.json").exists():
-        frames = torch.cat([torch.from_numpy(render_clip(s, FRAMES, SIZE, SIZE)).permute(0, 3, 1, 2).float() / 127.5 - 1
-                            for s in (first, second)])
-        vae, _ = train_tiny_autoencoder(frames, 300, channels=(16, 16, 16))
-        vae.save_pretrained(root / "vae")
-        # short and long captions: the tokenizer then keeps the direction word inside the 16 tokens
-        build_tiny_t5(str(root / "t5"), vocab_size=60, d_model=32,
-                      corpus=[r[k] for r in rows for k in ("caption", "long_caption")] * 10)
-    vae = VideoVAE.from_pretrained(root / "vae", micro_batch_size=16)
-    t5 = T5Encoder(str(root / "t5"), max_length=T5_TOKENS, device="cpu")
-    if not (root / "cache").exists():
-        build_cache(manifest, root / "cache", vae=vae, t5=t5, num_frames=FRAMES, frame_interval=1,
-                    image_size=(SIZE, SIZE), prompt_mode="S", batch_size=1, device="cpu")
+    vae, t5 = encoders_and_cache(root, manifest, [first, second], rows, T5_TOKENS)
     ds = CachedDataset(root / "cache")
-    if torch.equal(ds[0]["y"], ds[1]["y"]):
-        raise RuntimeError("the two captions encode identically (the distinguishing word was cut off)")
     return {"vae": vae, "t5": t5, "captions": [r["caption"] for r in rows],
             "recons": [vae.decode(ds[i]["latent"][None].float()).float()[0] for i in range(2)]}
 
@@ -92,22 +125,8 @@ def run_config(work: Path, name: str, steps: int, train_seed: int, noise_seeds: 
     kind, pred, tpos, sampling, share, hi_from = CONFIGS[name]
     pair = build_pair(work / f"pair-{kind}", kind)
     out = work / f"{name}-s{train_seed}"
-    lat = SIZE // 4
-    cfg = load_config(None, [
-        "--model.preset", "STDiT-tiny", "--model.input_size", f"{FRAMES},{lat},{lat}",
-        "--model.caption_channels", "32", "--model.model_max_length", str(T5_TOKENS),
-        "--model.temporal_pos", tpos, "--model.prediction_type", pred,
-        "--data.cache_dir", str(work / f"pair-{kind}" / "cache"), "--data.num_workers", "0",
-        "--train.steps", str(steps), "--train.batch_size", "8", "--train.output_dir", str(out / "run"),
-        "--train.log_every", str(steps // 4), "--train.compute_dtype", "float32", "--train.ema_decay", "0.99",
-        "--train.timestep_sampling", sampling, "--train.high_noise_share", str(share),
-        "--train.high_noise_from", str(hi_from), "--train.seed", str(train_seed),
-        "--optim.lr", "2e-3", "--optim.warmup_steps", "50", "--optim.decay_steps", str(steps - 50),
-        "--checkpoint.every_steps", str(steps)])
-    t0 = time.perf_counter()
-    Trainer(cfg, log=lambda *_: None).fit()
-    train_s = time.perf_counter() - t0
-    export_checkpoint(latest_checkpoint(out / "run" / "checkpoints"), out / "model", "ema")
+    train_s = train_tiny(work / f"pair-{kind}" / "cache", out, T5_TOKENS, pred, tpos, sampling, share, hi_from, steps,
+                         train_seed)
     pipe = ModelGrowPipeline(from_pretrained(out / "model").eval(), pair["vae"], pair["t5"],
                              config={"t5_max_length": T5_TOKENS})
     cases = []

@@ -16,15 +16,12 @@ import json
 import os
 import platform
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from modelgrow.config import load_config
-from modelgrow.data.cache import CachedDataset, build_cache
 from modelgrow.models import from_pretrained
 from modelgrow.pipeline import ModelGrowPipeline
 from modelgrow.synthetic.world import (
@@ -33,22 +30,20 @@ from modelgrow.synthetic.world import (
     SIZES,
     SPEEDS,
     read_manifest,
-    render_clip,
     sample_specs,
     start_range,
     time_reversed,
     write_clips,
 )
 from modelgrow.text import T5Encoder
-from modelgrow.text.tiny import build_tiny_t5
-from modelgrow.train import Trainer
-from modelgrow.train.checkpoint import latest_checkpoint
-from modelgrow.train.export import export_checkpoint
-from modelgrow.vae import VideoVAE, train_tiny_autoencoder
+from modelgrow.vae import VideoVAE
 from modelgrow.workbench import git_sha
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from direction_pair import FRAMES, SIZE, encoders_and_cache, train_tiny  # noqa: E402  (the same clips, VAE, T5, trainer)
+
 RESULTS = Path(__file__).resolve().parent / "results" / "direction_positions"
-FRAMES, SIZE, T5_TOKENS = 4, 32, 48
+T5_TOKENS = 48
 CONFIGS = {  # name: (prediction_type, temporal_pos, high_noise_share)
     "eps-attention": ("epsilon", "attention", 0.0),
     "v-tokens-share30": ("v_prediction", "tokens", 0.3),
@@ -68,21 +63,7 @@ def build_data(root: Path, pairs: int) -> tuple[list[dict], VideoVAE, T5Encoder]
         specs += [s, time_reversed(s, index=2 * i + 1)]
     manifest = write_clips(root / "data", specs, num_frames=FRAMES, height=SIZE, width=SIZE, progress=False)
     rows = read_manifest(manifest)
-    if not (root / "vae" / "config.json").exists():
-        frames = torch.cat([torch.from_numpy(render_clip(s, FRAMES, SIZE, SIZE)).permute(0, 3, 1, 2).float() / 127.5 - 1
-                            for s in specs])
-        vae, _ = train_tiny_autoencoder(frames, 400, channels=(16, 16, 16))
-        vae.save_pretrained(root / "vae")
-        build_tiny_t5(str(root / "t5"), vocab_size=60, d_model=32,
-                      corpus=[r[k] for r in rows[:4] for k in ("caption", "long_caption")] * 10)
-    vae = VideoVAE.from_pretrained(root / "vae", micro_batch_size=16)
-    t5 = T5Encoder(str(root / "t5"), max_length=T5_TOKENS, device="cpu")
-    if not (root / "cache").exists():
-        build_cache(manifest, root / "cache", vae=vae, t5=t5, num_frames=FRAMES, frame_interval=1,
-                    image_size=(SIZE, SIZE), prompt_mode="S", batch_size=4, device="cpu")
-    ds = CachedDataset(root / "cache")
-    if torch.equal(ds[0]["y"], ds[1]["y"]):
-        raise RuntimeError("the up and down captions encode identically (the direction word was cut off)")
+    vae, t5 = encoders_and_cache(root, manifest, specs, rows[:4], T5_TOKENS, vae_steps=400, cache_batch=4)
     return rows, vae, t5
 
 
@@ -103,21 +84,8 @@ def read_motion(video: torch.Tensor, background: str) -> str:
 
 def run(root: Path, name: str, rows, vae, t5, steps: int, noises: int) -> dict:
     pred, tpos, share = CONFIGS[name]
-    out, lat = root / name, SIZE // 4
-    cfg = load_config(None, [
-        "--model.preset", "STDiT-tiny", "--model.input_size", f"{FRAMES},{lat},{lat}",
-        "--model.caption_channels", "32", "--model.model_max_length", str(T5_TOKENS),
-        "--model.temporal_pos", tpos, "--model.prediction_type", pred,
-        "--data.cache_dir", str(root / "cache"), "--data.num_workers", "0",
-        "--train.steps", str(steps), "--train.batch_size", "8", "--train.output_dir", str(out / "run"),
-        "--train.log_every", str(steps // 4), "--train.compute_dtype", "float32", "--train.ema_decay", "0.99",
-        "--train.timestep_sampling", "logit_normal", "--train.high_noise_share", str(share),
-        "--optim.lr", "2e-3", "--optim.warmup_steps", "50", "--optim.decay_steps", str(steps - 50),
-        "--checkpoint.every_steps", str(steps)])
-    t0 = time.perf_counter()
-    Trainer(cfg, log=lambda *_: None).fit()
-    train_s = time.perf_counter() - t0
-    export_checkpoint(latest_checkpoint(out / "run" / "checkpoints"), out / "model", "ema")
+    out = root / name
+    train_s = train_tiny(root / "cache", out, T5_TOKENS, pred, tpos, "logit_normal", share, 800, steps)
     pipe = ModelGrowPipeline(from_pretrained(out / "model").eval(), vae, t5, config={"t5_max_length": T5_TOKENS})
     captions = {}
     for r in rows:
