@@ -63,14 +63,16 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def encoders_and_cache(root: Path, manifest: Path, specs, caption_rows: list[dict], t5_tokens: int,
-                       vae_steps: int = 300, cache_batch: int = 1) -> tuple[VideoVAE, T5Encoder]:
+                       vae_steps: int = 300, cache_batch: int = 1, vae_kwargs: dict | None = None,
+                       ) -> tuple[VideoVAE, T5Encoder]:
     """A tiny VAE fitted to the clips of ``specs``, a tiny T5 whose tokenizer is trained on ``caption_rows``' short
     and long captions, and the latent/text cache of ``manifest``, under ``root`` (each reused when present). Raises
-    when the first two clips' captions encode identically (the distinguishing word cut off by the tokenizer)."""
+    when the first two clips' captions encode identically (the distinguishing word cut off by the tokenizer).
+    ``vae_kwargs``: more ``train_tiny_autoencoder`` arguments (default channels (16, 16, 16): 4x down)."""
     if not (root / "vae" / "config.json").exists():
         frames = torch.cat([torch.from_numpy(render_clip(s, FRAMES, SIZE, SIZE)).permute(0, 3, 1, 2).float() / 127.5 - 1
                             for s in specs])
-        vae, _ = train_tiny_autoencoder(frames, vae_steps, channels=(16, 16, 16))
+        vae, _ = train_tiny_autoencoder(frames, vae_steps, **{"channels": (16, 16, 16), **(vae_kwargs or {})})
         vae.save_pretrained(root / "vae")
         # short and long captions: a tokenizer trained on the short ones alone splits them into characters
         build_tiny_t5(str(root / "t5"), vocab_size=60, d_model=32,
@@ -87,10 +89,11 @@ def encoders_and_cache(root: Path, manifest: Path, specs, caption_rows: list[dic
 
 
 def train_tiny(cache: Path, out: Path, t5_tokens: int, prediction_type: str, temporal_pos: str, timesteps: str,
-               share: float, share_from: int, steps: int, seed: int = 42) -> float:
-    """The tiny STDiT trained on ``cache`` by the project's Trainer (batch 8, lr 2e-3, fp32, EMA 0.99), its EMA
-    weights exported to ``out / "model"``; returns the training seconds."""
-    lat = SIZE // 4
+               share: float, share_from: int, steps: int, seed: int = 42, lat: int = SIZE // 4,
+               overrides: tuple[str, ...] = ()) -> float:
+    """The tiny STDiT trained on ``cache`` (latents ``lat`` x ``lat``) by the project's Trainer (batch 8, lr 2e-3,
+    fp32, EMA 0.99; ``overrides``: more ``--section.key value`` arguments, last wins), its EMA weights exported to
+    ``out / "model"``; returns the training seconds."""
     cfg = load_config(None, [
         "--model.preset", "STDiT-tiny", "--model.input_size", f"{FRAMES},{lat},{lat}",
         "--model.caption_channels", "32", "--model.model_max_length", str(t5_tokens),
@@ -101,7 +104,7 @@ def train_tiny(cache: Path, out: Path, t5_tokens: int, prediction_type: str, tem
         "--train.timestep_sampling", timesteps, "--train.high_noise_share", str(share),
         "--train.high_noise_from", str(share_from), "--train.seed", str(seed),
         "--optim.lr", "2e-3", "--optim.warmup_steps", "50", "--optim.decay_steps", str(steps - 50),
-        "--checkpoint.every_steps", str(steps)])
+        "--checkpoint.every_steps", str(steps), *overrides])
     t0 = time.perf_counter()
     Trainer(cfg, log=lambda *_: None).fit()
     seconds = time.perf_counter() - t0

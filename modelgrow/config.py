@@ -70,9 +70,11 @@ class ModelConfig:
     temporal_pos: Literal["attention", "tokens"] = _f(
         "attention", "where the temporal position embedding enters: attention = one block's temporal attention "
         "(Open-Sora v1.0), tokens = every token after the patch embedding (as Latte)")
-    prediction_type: Literal["epsilon", "v_prediction"] = _f(
-        "epsilon", "what the model predicts: epsilon (Open-Sora v1.0) or v_prediction (v = sqrt(ab) eps - "
-        "sqrt(1 - ab) x0; trains the caption at high noise, where eps gets almost no signal)")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = _f(
+        None, "what the model predicts: epsilon (Open-Sora v1.0) or v_prediction (v = sqrt(ab) eps - "
+        "sqrt(1 - ab) x0; trains the caption at high noise, where eps gets almost no signal). Default: epsilon, "
+        "or a pretrained directory's own; set with a pretrained directory, it switches that model's objective "
+        "(fine-tuning an eps checkpoint into a v one)")
     from_pretrained: str | None = _f(None, "checkpoint to load: Open-Sora/PixArt .pth, .safetensors or a pretrained dir")
 
     def __post_init__(self) -> None:
@@ -114,7 +116,7 @@ class ModelConfig:
             space_scale=self.space_scale,
             time_scale=self.time_scale,
             temporal_pos=self.temporal_pos,
-            prediction_type=self.prediction_type,
+            prediction_type=self.prediction_type or "epsilon",
         )
         return kw
 

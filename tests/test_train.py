@@ -186,6 +186,33 @@ def _pretrained(tmp_path):
     return str(save_pretrained(randomize_(create_model("STDiT-tiny"), std=0.05), tmp_path / "pretrained"))
 
 
+def test_explicit_prediction_type_switches_a_pretrained_objective(tmp_path):
+    """A pretrained directory brings its own prediction type; an explicit model.prediction_type that differs
+    switches it (fine-tuning an eps checkpoint into v): the loss the trainer optimises, the saved checkpoint and
+    the export all follow."""
+    from modelgrow.diffusion.gaussian_diffusion import ModelMeanType
+
+    pre = _pretrained(tmp_path)
+    kept = Trainer(_cfg(tmp_path / "kept", "--train.steps", "1", "--model.from_pretrained", pre),
+                   loader=_loader(), log=lambda *_: None)
+    assert kept.prediction_type == "epsilon" and kept.diffusion.model_mean_type == ModelMeanType.EPSILON
+    tr = Trainer(_cfg(tmp_path / "v", "--train.steps", "1", "--checkpoint.every_steps", "1",
+                      "--model.from_pretrained", pre, "--model.prediction_type", "v_prediction"),
+                 loader=_loader(), log=lambda *_: None)
+    assert tr.prediction_type == "v_prediction" and tr.diffusion.model_mean_type == ModelMeanType.VELOCITY
+    tr.fit()
+    out = tmp_path / "export"
+    r = subprocess.run([sys.executable, "-m", "modelgrow", "export", "--ckpt", str(tmp_path / "v" / "checkpoints" /
+                        "step_00000001"), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert from_pretrained(out).prediction_type == "v_prediction"
+    assert from_pretrained(pre).prediction_type == "epsilon"  # the source is untouched
+    # and a v directory stays v when nothing is said
+    again = Trainer(_cfg(tmp_path / "again", "--train.steps", "1", "--model.from_pretrained", str(out)),
+                    loader=_loader(), log=lambda *_: None)
+    assert again.prediction_type == "v_prediction"
+
+
 def test_lora_mode_trains_only_adapters_and_exports_merged(tmp_path):
     tr = Trainer(_cfg(tmp_path, "--train.steps", "3", "--train.mode", "lora", "--train.lora_rank", "4",
                       "--checkpoint.every_steps", "3", "--checkpoint.load_weights", _pretrained(tmp_path)),

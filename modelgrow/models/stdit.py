@@ -349,6 +349,17 @@ class STDiT(ModelMixin, ConfigMixin):
         src = self._internal_dict if _HAS_DIFFUSERS else self._plain_config
         return copy.deepcopy(dict(src))
 
+    def set_prediction_type(self, prediction_type: str) -> None:
+        """Switch what the model is trained to predict (weights unchanged; recorded in ``config``): the start of
+        fine-tuning an epsilon checkpoint into a v-prediction one, or back."""
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        self.prediction_type = prediction_type
+        if _HAS_DIFFUSERS:
+            self.register_to_config(prediction_type=prediction_type)
+        else:  # pragma: no cover
+            self._plain_config["prediction_type"] = prediction_type
+
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype: inputs are cast to it (``accelerate`` sets it together with the weights)."""

@@ -54,7 +54,8 @@ def init_distributed() -> tuple[int, int, torch.device]:
 
 def build_model(cfg: Config) -> STDiT:
     """The model a run trains: weights from ``checkpoint.load_weights`` (a pretrained dir brings its own
-    architecture; an Open-Sora / PixArt / safetensors file loads into ``[model]``), then growth and the LLM
+    architecture, except an explicit ``model.prediction_type``, which switches its objective; an Open-Sora / PixArt /
+    safetensors file loads into ``[model]``), then growth and the LLM
     condition from ``[grow]``, then the trainable set from ``train.mode``."""
     src, pre = cfg.checkpoint.load_weights, cfg.model.from_pretrained
     if src and pre and Path(src) != Path(pre):
@@ -66,6 +67,8 @@ def build_model(cfg: Config) -> STDiT:
         raise FileNotFoundError(f"{key} = {src!r}: no such file or directory")
     if src and Path(src).is_dir() and (Path(src) / CONFIG_NAME).exists():
         model = from_pretrained(src, strict=cfg.checkpoint.strict).train()
+        if cfg.model.prediction_type and cfg.model.prediction_type != model.prediction_type:
+            model.set_prediction_type(cfg.model.prediction_type)  # asked for explicitly: fine-tune into it
     else:
         model = STDiT(**cfg.model.stdit_kwargs())
         if src:
@@ -563,7 +566,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.toml")
             self.log(f"model: {len(self.model.blocks)} blocks, {sum(p.numel() for p in self.model.parameters()):,} "
-                     f"parameters ({sum(p.numel() for p in self.params):,} trainable) | world {self.world} | "
+                     f"parameters ({sum(p.numel() for p in self.params):,} trainable) | predicts {self.prediction_type} | "
+                     f"world {self.world} | "
                      f"{self.device} | parallel {self.applied}")
             self.sinks = MetricSinks(self.out, cfg.train.wandb, cfg.train.wandb_project, cfg.train.run_name,
                                      config=config_to_dict(cfg), resume=self.step > 0)
