@@ -67,7 +67,8 @@ def encoders_and_cache(root: Path, manifest: Path, specs, caption_rows: list[dic
                        ) -> tuple[VideoVAE, T5Encoder]:
     """A tiny VAE fitted to the clips of ``specs``, a tiny T5 whose tokenizer is trained on ``caption_rows``' short
     and long captions, and the latent/text cache of ``manifest``, under ``root`` (each reused when present). Raises
-    when the first two clips' captions encode identically (the distinguishing word cut off by the tokenizer).
+    when the first clip's caption and the first different one encode identically (the distinguishing word cut off
+    by the tokenizer).
     ``vae_kwargs``: more ``train_tiny_autoencoder`` arguments (default channels (16, 16, 16): 4x down)."""
     if not (root / "vae" / "config.json").exists():
         frames = torch.cat([torch.from_numpy(render_clip(s, FRAMES, SIZE, SIZE)).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -82,9 +83,11 @@ def encoders_and_cache(root: Path, manifest: Path, specs, caption_rows: list[dic
     if not (root / "cache").exists():
         build_cache(manifest, root / "cache", vae=vae, t5=t5, num_frames=FRAMES, frame_interval=1,
                     image_size=(SIZE, SIZE), prompt_mode="S", batch_size=cache_batch, device="cpu")
-    ds = CachedDataset(root / "cache")
-    if torch.equal(ds[0]["y"], ds[1]["y"]):
-        raise RuntimeError("the first two captions encode identically (the distinguishing word was cut off)")
+    ds, captions = CachedDataset(root / "cache"), [r["caption"] for r in read_manifest(manifest)]
+    other = next(i for i, c in enumerate(captions) if c != captions[0])
+    if torch.equal(ds[0]["y"], ds[other]["y"]):
+        raise RuntimeError(f"captions {captions[0]!r} and {captions[other]!r} encode identically (the "
+                           "distinguishing word was cut off)")
     return vae, t5
 
 
