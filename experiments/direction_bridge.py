@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     ap.add_argument("--vae-steps", type=int, default=1000)
     ap.add_argument("--geometry", choices=("8x8", "demo"), default="8x8",
                     help="8x8: a 4x-down VAE fitted here (8x8 latents); demo: the shipped bundle's VAE and T5 (16x16)")
+    ap.add_argument("--latent-scale", type=float, default=1.0,
+                    help="multiply the VAE's standardised latents by this (its scaling_factor), e.g. to give the "
+                         "object the scale it has on one background")
     ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", type=Path, default=Path("runs/direction_bridge"))
@@ -116,6 +119,16 @@ def main(argv=None) -> int:
     specs = specs_for(vary, args.clips, 0, "train", twins=args.twins)
     manifest = write_clips(root / "data", specs, num_frames=FRAMES, height=SIZE, width=SIZE, progress=False)
     rows = read_manifest(manifest)
+    if args.latent_scale != 1.0:  # the same data, VAE and T5 as the unscaled run, latents multiplied by the scale
+        base, root = root, root.with_name(f"{root.name}-latentx{args.latent_scale:g}")
+        if not (root / "vae").exists():
+            encoders_and_cache(base, manifest, specs, rows[:256], T5_TOKENS, vae_steps=args.vae_steps, cache_batch=8,
+                               vae_kwargs={"foreground_weight": 8.0, "channels": (32, 32, 32)})
+            for sub in ("vae", "t5"):
+                shutil.copytree(base / sub, root / sub)
+            cfg = json.loads((root / "vae" / "config.json").read_text())
+            cfg["scaling_factor"] *= args.latent_scale
+            (root / "vae" / "config.json").write_text(json.dumps(cfg, indent=2))
     if args.geometry == "demo" and not (root / "vae").exists():  # the shipped bundle's VAE and T5, as they are
         shutil.copytree(DEFAULT_BASE / "vae", root / "vae")
         shutil.copytree(DEFAULT_BASE / "t5", root / "t5")
@@ -133,7 +146,7 @@ def main(argv=None) -> int:
     pipe = ModelGrowPipeline(from_pretrained(out / "model").eval(), vae, t5, config={"t5_max_length": T5_TOKENS})
     evaluator = SemanticClassifier.load(DEFAULT_BASE / "evaluator.safetensors")
     prompts = specs_for(vary, args.prompts, 5, "heldout")
-    res = {"vary": sorted(vary), "clips": args.clips, "twins": args.twins, "geometry": args.geometry, "compute_dtype": args.compute_dtype, "config": args.config, "prediction_type": pred,
+    res = {"vary": sorted(vary), "clips": args.clips, "twins": args.twins, "latent_scale": args.latent_scale, "geometry": args.geometry, "compute_dtype": args.compute_dtype, "config": args.config, "prediction_type": pred,
            "temporal_pos": tpos, "high_noise_share": share, "model": args.model, "steps": args.steps,
            "batch": args.batch, "train_seconds": round(train_s, 1), "by_guidance": {}}
     for g in (1.0, 4.0):
@@ -153,7 +166,7 @@ def main(argv=None) -> int:
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "results.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
-    key = lambda r: (tuple(r["vary"]), r["clips"], r.get("twins", False), r.get("geometry", "8x8"), r["config"], r["high_noise_share"],  # noqa: E731
+    key = lambda r: (tuple(r["vary"]), r["clips"], r.get("twins", False), r.get("latent_scale", 1.0), r.get("geometry", "8x8"), r["config"], r["high_noise_share"],  # noqa: E731
                      r["model"], r["steps"], r["batch"], r.get("compute_dtype", "float32"))
     runs = [r for r in runs if key(r) != key(res)] + [res]
     meta = {"git_sha": git_sha(), "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -164,16 +177,16 @@ def main(argv=None) -> int:
              "prompts, IDDPM-50, one noise each; read by the demo bundle's evaluator and (direction) by the "
              f"object's centroid. Last run: git {(meta['git_sha'] or '?')[:10]}, torch {meta['torch']}, "
              f"{meta['machine']}.", "",
-             "| varies besides direction | clips | time-reversed twins | latents | objective | high-noise share | model | steps x batch | "
+             "| varies besides direction | clips | time-reversed twins | latents | latent scale | objective | high-noise share | model | steps x batch | "
              "guidance | shape | colour | background | direction (evaluator) | direction (centroid) | train s |",
-             "|" + "---|" * 15]
+             "|" + "---|" * 16]
     runs.sort(key=lambda r: (r.get("geometry", "8x8") != "8x8", len(r["vary"]), r["vary"], r["clips"],
-                             r.get("twins", False), r["model"], r["config"], r["high_noise_share"], r["steps"]))
+                             r.get("twins", False), r.get("latent_scale", 1.0), r["model"], r["config"], r["high_noise_share"], r["steps"]))
     for r in runs:
         for g, s in r["by_guidance"].items():
             geo = "16x16 (bundle VAE)" if r.get("geometry") == "demo" else "8x8"
             lines.append(f"| {', '.join(r['vary']) or '-'} | {r['clips']} | "
-                         f"{'yes' if r.get('twins') else 'no'} | {geo} | {r['config']} | "
+                         f"{'yes' if r.get('twins') else 'no'} | {geo} | x{r.get('latent_scale', 1.0):g} | {r['config']} | "
                          f"{r['high_noise_share']:.0%} | {r['model']} | "
                          f"{r['steps']} x {r['batch']} | {float(g):g} | {s['shape']:.2f} | {s['color']:.2f} | "
                          f"{s['background']:.2f} | {s['direction']:.2f} | {s['direction_centroid']:.2f} | "
