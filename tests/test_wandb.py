@@ -74,15 +74,20 @@ def _run_file(out: Path, run_id: str) -> Path:
     return files[-1]
 
 
-def _finished_records(out: Path, run_id: str) -> list:
-    """The records of the run once its exit record is written (the W&B service process writes the file)."""
+def _finished_records(out: Path, run_id: str, newer_than: Path | None = None) -> list:
+    """The records of the run once its exit record is written (the W&B service process writes the file).
+    ``newer_than``: an earlier run's file; wait for a different one (the service may create the resumed run's
+    directory after the trainer returns: on a busy machine the earlier, finished file was read instead)."""
     for _ in range(200):
         path = _run_file(out, run_id)
+        if path == newer_than:
+            time.sleep(0.05)
+            continue
         records = read_wandb_records(path) if path.stat().st_size else []
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             return records
         time.sleep(0.05)
-    raise AssertionError(f"{path}: no exit record after 10 s")
+    raise AssertionError(f"{path}: no exit record (or no newer run file than {newer_than}) after 10 s")
 
 
 def test_wandb_offline_run_holds_the_logged_scalars_and_media(heldout, quiet_wandb, tmp_path):  # noqa: F811
@@ -112,7 +117,8 @@ def test_wandb_offline_run_holds_the_logged_scalars_and_media(heldout, quiet_wan
     assert rows[3]["val/keyframes/captions"] == [json.loads((out / "val" / "step_0000003" / "prompts.json").read_text())
                                                  ["samples"][0]["prompt"]]
     assert rows[3]["val/video/_type"] == "videos"
-    run_dir = _run_file(out, run_id).parent
+    first_file = _run_file(out, run_id)
+    run_dir = first_file.parent
     assert list((run_dir / "files" / "media" / "videos").rglob("*.mp4"))
     assert list((run_dir / "files" / "media" / "images").rglob("*.png"))
     # a resumed run continues the same W&B run (the id is kept beside the checkpoints)
@@ -121,7 +127,7 @@ def test_wandb_offline_run_holds_the_logged_scalars_and_media(heldout, quiet_wan
     assert more.step == 3
     more.fit()
     assert (out / "wandb_run_id").read_text().strip() == run_id
-    assert sorted(_history(_finished_records(out, run_id))) == [4]
+    assert sorted(_history(_finished_records(out, run_id, newer_than=first_file))) == [4]
 
 
 def test_wandb_missing_is_a_clear_error(monkeypatch, tmp_path):
