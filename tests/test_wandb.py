@@ -68,8 +68,13 @@ def _history(records) -> dict[int, dict]:
 
 
 def _run_file(out: Path, run_id: str) -> Path:
-    """The newest offline run file of ``run_id`` (a resumed run writes a new offline-run directory)."""
-    files = sorted((out / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    """The newest offline run file of ``run_id`` (a resumed run writes a new offline-run directory, named by the
+    start second; when that name is taken, W&B appends ``-1``, ``-2``...: sorted by (second, suffix))."""
+    def start_order(path: Path) -> tuple[str, int]:
+        stamp, _, suffix = path.parent.name.removeprefix("offline-run-").partition(f"-{run_id}")
+        return stamp, int(suffix.lstrip("-") or -1)
+
+    files = sorted((out / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"), key=start_order)
     assert files, sorted(p.name for p in (out / "wandb").iterdir())
     return files[-1]
 
