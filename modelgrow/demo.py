@@ -390,6 +390,31 @@ def contact_sheet(eval_dir: Path, samples: list[dict], model: str, title: str = 
     return fig
 
 
+def with_overrides(size: DemoSize, assignments: list[str]) -> DemoSize:
+    """``size`` with ``KEY=VALUE`` assignments applied (values parsed by the field's type; tuples comma-separated)."""
+    from dataclasses import fields, replace
+
+    types = {f.name: type(getattr(size, f.name)) for f in fields(size)}
+    changes = {}
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        kind = types[key]
+        try:
+            if kind is tuple:
+                changes[key] = tuple(int(v) for v in value.split(",") if v.strip())
+            elif kind is bool:
+                changes[key] = {"true": True, "1": True, "false": False, "0": False}[value.strip().lower()]
+            else:
+                changes[key] = kind(value)
+        except (ValueError, KeyError):
+            raise SystemExit(f"--set {item!r}: {value!r} is not a valid {kind.__name__} for {key} "
+                             f"(now {getattr(size, key)!r})") from None
+    return replace(size, **changes)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="modelgrow demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=None, help="run directory (default runs/demo, runs/demo-base)")
@@ -405,8 +430,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch CPU threads (default: 2, or 1 on a 1-core machine; on a quiet 2-core machine 2 threads "
                          "make a training step 1.55x faster; on a busy one use 1: small convolutions were measured "
                          "5-20x slower with 2)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a DemoSize field (repeatable), e.g. --set pretrain_steps=12000 --set "
+                         "vae_channels=32,32,32; a demo run must use its bundle's data, VAE, DiT and text sizes")
     args = ap.parse_args(argv)
-    size = QUICK if args.quick else DemoSize()
+    size = with_overrides(QUICK if args.quick else DemoSize(), args.set)
     out = args.out or Path("runs/demo-base" if args.pretrain_base else "runs/demo") / ("quick" if args.quick else "")
     if args.fresh and out.exists():
         shutil.rmtree(out)

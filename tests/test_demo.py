@@ -84,3 +84,16 @@ def test_shipped_base_bundle_fits_and_matches_the_demo():
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
     assert (DEFAULT_BASE / "train_log.jsonl").read_text().count("\n") >= 10
+
+
+def test_set_overrides_parse_by_field_type_and_refuse_unknown_keys():
+    from modelgrow.demo import with_overrides
+    from modelgrow.workbench import DemoSize
+
+    size = with_overrides(DemoSize(), ["vae_channels=32,32,32", "depth=2", "lr=1e-3", "prediction_type=v_prediction"])
+    assert (size.vae_channels, size.depth, size.lr, size.prediction_type) == ((32, 32, 32), 2, 1e-3, "v_prediction")
+    assert size.hidden == DemoSize().hidden  # untouched fields keep the defaults
+    with pytest.raises(SystemExit, match="KEY one of"):
+        with_overrides(DemoSize(), ["depht=2"])
+    with pytest.raises(SystemExit, match="not a valid int for depth"):
+        with_overrides(DemoSize(), ["depth=two"])
