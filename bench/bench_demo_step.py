@@ -1,12 +1,13 @@
-"""Training-step time of the demo's tiny STDiT on a CPU, across the choices `docs/demo_recipe.md` section 2 weighs:
-DiT patch (4x4 / 2x2 on the 16x16x4 latents), base vs grown (insert k = 1 + LLM condition), torch threads and
-fp32 vs bf16 autocast. One step = IDDPM loss (learned sigma) forward, backward and AdamW, batch ``--batch``, on
-random latents and text states of the demo's shapes (``DemoSize``).
+"""Training-step time of the demo's tiny STDiT on a CPU: DiT patch on the latents (``DemoSize``'s 8x8x4 since
+session 9; ``--patch`` also times others), base vs grown (insert k = 1 + LLM condition), torch threads and fp32 vs
+bf16 autocast. One step = IDDPM loss (learned sigma, the demo's prediction type) forward, backward and AdamW, batch
+``--batch``, on random latents and text states of the demo's shapes (``DemoSize``).
 
-    python bench/bench_demo_step.py                       # the full grid (about 3 minutes on a quiet 2-core machine)
-    python bench/bench_demo_step.py --patch 2 --threads 2 --dtype bfloat16 --grown 1
+    python bench/bench_demo_step.py                       # the grid (about a minute on a quiet 2-core machine)
+    python bench/bench_demo_step.py --threads 2 --dtype float32 --grown 1 --batch 8
 
-Rows go to ``bench/results/<device>/bench_demo_step.json`` (device, versions, git sha). Run it on a quiet machine:
+Rows go to ``bench/results/<device>/bench_demo_step.json`` (device, versions, git sha); the file is replaced by
+each run (the 16x16 rows of docs/demo_recipe.md section 2 are in its git history). Run it on a quiet machine:
 the two cores of the dev machine are easily shared.
 """
 
@@ -34,11 +35,11 @@ def make_step(patch: int, grown: bool, dtype: str, batch: int):
     model = create_model("STDiT-tiny", depth=s.depth, hidden_size=s.hidden, num_heads=s.heads,
                          input_size=(s.frames, lat, lat), in_channels=s.vae_latent_channels,
                          patch_size=(1, patch, patch), caption_channels=32, model_max_length=s.t5_tokens,
-                         space_scale=1.0)
+                         space_scale=1.0, temporal_pos=s.temporal_pos, prediction_type=s.prediction_type)
     if grown:
         model = add_llm_condition(expand(model, "insert", 1), 32, s.llm_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    diffusion = IDDPM(timestep_respacing="")
+    diffusion = IDDPM(timestep_respacing="", prediction_type=s.prediction_type)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, s.vae_latent_channels, s.frames, lat, lat, generator=g)
     kw = {"y": torch.randn(batch, 1, s.t5_tokens, 32, generator=g), "mask": torch.ones(batch, s.t5_tokens, dtype=torch.long)}
@@ -60,11 +61,11 @@ def make_step(patch: int, grown: bool, dtype: str, batch: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--patch", default="4,2")
+    ap.add_argument("--patch", default="2")
     ap.add_argument("--grown", default="0,1")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtype", default="float32,bfloat16")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)

@@ -102,7 +102,7 @@ def run_arm(ws: wb.Workspace, evaluator, name: str, seed: int) -> dict:
     llm = "--grow.llm" in grow
     if not (out / "train.json").exists():
         extra = ["--train.mode", mode, "--checkpoint.load_weights", str(ws.base_model_dir), "--data.prompt_mode",
-                 prompt_mode, *grow]
+                 prompt_mode, "--train.batch_size", str(ws.size.continual_batch), *grow]
         cfg = wb.train_config(ws, out / "run", ws.size.continual_steps, ws.size.continual_lr,
                               cache_for(ws, "B", "train", prompt_mode, template), extra, seed=seed)
         info = wb.train_and_export(cfg, out / "model")

@@ -149,9 +149,9 @@ class Demo:
         s = self.size
         cfg = wb.train_config(self.ws, self.path("continual", "run"), s.continual_steps, s.continual_lr,
                               self.ws.cache("B", "train", "SL"),
-                              ["--train.mode", "expand", "--grow.llm", "true",
+                              ["--train.mode", "expand", "--grow.llm", "true", "--train.batch_size", str(s.continual_batch),
                                "--checkpoint.load_weights", str(self.path("grow", "model"))],
-                              val_cache=self.ws.cache("B", "heldout", "SL"))
+                              val_cache=self.ws.cache("B", "heldout", "SL"), val_every=s.continual_val_every)
         return wb.train_and_export(cfg, self.path("continual", "model"), log=self._log_indented)
 
     def _models(self) -> list[tuple[str, Path, bool, str]]:
@@ -233,8 +233,9 @@ class Demo:
         _save(heldout_plot(ev["heldout_loss"]), self.path("heldout_loss.png"))
         for name in ("base", "continual"):
             _save(contact_sheet(self.path("evaluate"), ev["samples"], name,
-                                title=f"{name}: " + ", ".join(f"{d} {ev['semantic'][name][d]['semantic_score']:.2f}"
-                                                              for d in "AB")),
+                                title=f"{name}: mean score " + ", ".join(
+                                    f"{d} {ev['semantic'][name][d]['semantic_score']:.2f}" for d in "AB")
+                                + f" (first 8 of {self.size.sample_prompts} prompts per domain)"),
                   self.path(f"contact_sheet_{name}.png"))
         self.path("report.md").write_text(self.report(base))
 
@@ -256,7 +257,8 @@ class Demo:
             "## What ran",
             f"Base bundle `{self.base_dir}` (made by `{base['command']}`: {base['size']['pretrain_steps']} steps of pre-training on A, "
             f"VAE held-out PSNR {base['vae']['psnr_heldout_db']:.1f} dB) -> insert expansion k = 1 + LLM condition ->",
-            f"continual pre-training on B with SL prompts ({self.size.continual_steps} steps, {cont['train_seconds']:.0f} s) ->",
+            f"continual pre-training on B with SL prompts ({self.size.continual_steps} steps of batch "
+            f"{self.size.continual_batch}, {cont['train_seconds']:.0f} s) ->",
             f"sampling held-out prompts with {self.size.sampler}-{self.size.sample_steps} and two-condition guidance.", "",
             "## Growth",
             f"depth {grow['depth'][0]} -> {grow['depth'][1]}, parameters {grow['params'][0]:,} -> {grow['params'][1]:,};",
@@ -272,7 +274,8 @@ class Demo:
             "clip: 22).", "",
             f"## What the semantic evaluator reads in sampled videos ({self.size.sample_prompts} held-out prompts per domain)", "",
             "Accuracy per attribute against the prompt (shape / colour / direction: the trained classifier; background:",
-            "measured), and their mean. Contact sheets: `contact_sheet_base.png`, `contact_sheet_continual.png`.", "",
+            "measured), and their mean. Contact sheets (the first 8 prompts of each domain): `contact_sheet_base.png`,",
+            "`contact_sheet_continual.png`; every sample is in `evaluate/videos/`.", "",
             "| model | domain | shape | colour | direction | background | mean |", "|---|---|---|---|---|---|---|",
             *[f"| {m} | {d} | {row(m, d)} |" for m in ("base", "continual") for d in "AB"], "",
             "## `modelgrow evaluate` (dimensions with no learned weights)", "",
@@ -360,13 +363,17 @@ def heldout_plot(losses: dict[str, dict[str, float]]):
     return fig
 
 
-def contact_sheet(eval_dir: Path, samples: list[dict], model: str, title: str = ""):
-    """One row per sampled prompt of ``model``: the prompt, the frames, and per attribute what the evaluator read
-    (green: matches the prompt, red: does not)."""
+def contact_sheet(eval_dir: Path, samples: list[dict], model: str, title: str = "", per_domain: int | None = 8):
+    """One row per sampled prompt of ``model`` (the first ``per_domain`` of each domain; None: all): the prompt, the
+    frames, and per attribute what the evaluator read (green: matches the prompt, red: does not)."""
     from .video_io import read_video
 
     plt = _plt()
-    rows = [s for s in samples if s["model"] == model]
+    rows, shown = [], {}
+    for s in samples:
+        if s["model"] == model and (per_domain is None or shown.get(s["domain"], 0) < per_domain):
+            rows.append(s)
+            shown[s["domain"]] = shown.get(s["domain"], 0) + 1
     T = len(read_video(eval_dir / rows[0]["video"])[0]) if rows else 1
     fig, axes = plt.subplots(max(len(rows), 1), T + 1, figsize=(1.3 * T + 4.2, 1.25 * max(len(rows), 1) + 0.4),
                              squeeze=False, gridspec_kw={"width_ratios": [3.2] + [1] * T})

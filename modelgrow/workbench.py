@@ -50,51 +50,56 @@ class DemoSize:
     # VAE (base bundle)
     vae_steps: int = 3000
     vae_lr: float = 3e-3
-    vae_channels: tuple[int, ...] = (32, 32)  # 2x spatial downsampling: 16x16x4 latents
+    vae_channels: tuple[int, ...] = (32, 32, 32)  # 4x spatial downsampling: 8x8x4 latents. 16x16 latents (32, 32)
+    # cap shape less (reconstructions read 0.95 vs 0.73 on A) but make every DiT step ~8x dearer: on 2 cores the
+    # direction word needs ~50k+ steps, affordable only at 8x8 (docs/demo_recipe.md sections 1, 9, 10)
     vae_latent_channels: int = 4
     vae_foreground_weight: float = 8.0
-    # DiT
-    patch: int = 2  # DiT spatial patch on the latent: a token covers 4x4 pixels, 64 tokens per frame (4x4 patches:
-    # objects came out as several token-aligned fragments; 2x2: one coherent object; docs/demo_recipe.md section 2)
-    depth: int = 4
-    hidden: int = 128
+    # DiT (STDiT-tiny's sizes: 2 blocks, width 64)
+    patch: int = 2  # DiT spatial patch on the latent: a token covers 8x8 pixels, 16 tokens per frame
+    depth: int = 2
+    hidden: int = 64
     heads: int = 4
-    temporal_pos: str = "attention"  # Open-Sora v1.0's placement of the temporal embedding (STDiT.temporal_pos)
-    prediction_type: str = "epsilon"  # STDiT.prediction_type, Open-Sora v1.0's; "v_prediction" + high_noise_share
-    # teach the direction word on two clips but made fragmented objects on the demo's world at 3000 steps
-    # (docs/demo_recipe.md section 8)
+    temporal_pos: str = "tokens"  # the frame index on every token, not only block 0's temporal attention (v1.0's
+    # "attention" placement): needed, with v-prediction and the high-noise share, to learn the direction word
+    prediction_type: str = "v_prediction"  # with eps (Open-Sora v1.0's) the direction words stay at chance at any
+    # budget tried (docs/demo_recipe.md sections 8-9)
     t5_tokens: int = 48
     llm_tokens: int = 48
-    batch: int = 16
-    compute_dtype: str = "bfloat16"  # autocast (AVX512-BF16 on CPU), fp32 weights and optimizer: 1.5x faster steps,
-    # the same held-out loss as float32 (0.0177 vs 0.0176 at step 4000)
+    batch: int = 8
+    compute_dtype: str = "float32"  # bf16 autocast paid off for the 128-wide model only (section 2)
     ema_decay: float = 0.99
     timestep_sampling: str = "logit_normal"
-    high_noise_share: float = 0.0  # of the training timesteps drawn from [800, 1000) instead (section 8)
-    warmup_steps: int = 100  # linear warm-up, then a cosine decay to min_lr_ratio * lr
+    high_noise_share: float = 0.3  # of the training timesteps drawn from [800, 1000) instead (section 8)
+    warmup_steps: int = 50  # linear warm-up, then a cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
-    # base pre-training on A (base bundle)
-    pretrain_steps: int = 6000
+    # base pre-training on A (base bundle): 96000 steps, ~38 min on one thread
+    pretrain_steps: int = 96000
     lr: float = 2e-3
     # continual pre-training on B (the demo)
-    continual_steps: int = 800
+    continual_steps: int = 10000  # the direction words of B need the steps: 8000 -> direction 0.28-0.34, 10000 ->
+    # 0.84 (32 held-out prompts; batch 16 x 6000, more samples in less time: 0.12; docs/demo_recipe.md section 10)
     continual_lr: float = 1e-3
-    val_every: int = 1000  # validation (held-out loss + sampled clips) during training
+    continual_batch: int = 8
+    val_every: int = 12000  # validation (held-out loss + sampled clips) during base pre-training
+    continual_val_every: int = 2000  # ... and during the demo's continual pre-training
     val_samples: int = 4
     # evaluation
     sampler: str = "iddpm"
     sample_steps: int = 100
-    guidance_scale: float = 7.0  # T5 caption (4x4-patch base at step 6000: 0.61 at guidance 7 vs 0.50 at 3; 2x2-patch
-    # base at step 6000, 16 tuning prompts: 0.66 at 7, 0.64 at 4, DDIM-50 0.52-0.56)
-    llm_guidance_scale: float = 2.0  # LLM caption (continual model, 16 tuning prompts of B: 0.31 at 2 vs 0.22 at 12.5)
-    sample_prompts: int = 8  # per domain
+    guidance_scale: float = 4.0  # T5 caption (32 tuning prompts, IDDPM-100, mean of the 4 attributes: base on A 0.60 /
+    # 0.66 / 0.70 / 0.69 at guidance 1 / 2 / 4 / 7; continual model on B 0.73 / 0.80 / 0.76 at 2 / 4 / 7)
+    llm_guidance_scale: float = 2.0  # LLM caption (16x16 continual model, 16 tuning prompts of B: 0.31 at 2 vs 0.22
+    # at 12.5)
+    sample_prompts: int = 32  # per domain (8 made +-0.15 noise per attribute; sampling the tiny model is cheap)
     classifier_train: int = 512
     classifier_steps: int = 300
 
 
 QUICK = DemoSize(n_train=8, n_heldout=4, frames=4, size=32, vae_steps=4, vae_channels=(8, 8), depth=2, hidden=32,
-                 heads=2, patch=4, compute_dtype="float32", t5_tokens=16, llm_tokens=16, batch=4, pretrain_steps=3, continual_steps=3, warmup_steps=1,
-                 sample_steps=2, sample_prompts=1, classifier_train=32, classifier_steps=5, val_every=2, val_samples=1)
+                 heads=2, patch=4, compute_dtype="float32", t5_tokens=16, llm_tokens=16, batch=4, pretrain_steps=3, continual_steps=3, continual_batch=4, warmup_steps=1,
+                 sample_steps=2, sample_prompts=1, classifier_train=32, classifier_steps=5, val_every=2, continual_val_every=2,
+                 val_samples=1)
 
 # what a base bundle fixes: the continual stage must use the same data geometry, VAE, DiT and text sizes
 BASE_SIZE_KEYS = ("frames", "size", "vae_channels", "vae_latent_channels", "patch", "depth", "hidden", "heads",
@@ -235,16 +240,17 @@ def build_caches(ws: Workspace, which: list[tuple[str, str, str]], llm: bool = T
 
 
 def train_config(ws: Workspace, out: Path, steps: int, lr: float, cache: Path, extra: list[str] = (), seed: int = 0,
-                 val_cache: Path | None = None):
+                 val_cache: Path | None = None, val_every: int | None = None):
     """The typed training config of a workbench run (tiny STDiT, cached data, logit-normal timesteps, warm-up +
     cosine decay, EMA), with ``extra`` dotted overrides last. ``val_cache``: a held-out cache validated every
-    ``size.val_every`` steps (loss + ``size.val_samples`` sampled clips, EMA weights)."""
+    ``val_every`` steps (default ``size.val_every``; loss + ``size.val_samples`` sampled clips, EMA weights)."""
     from .config import load_config
 
     s = ws.size
     lat = ws.latent_size
-    val = [] if val_cache is None or s.val_every <= 0 else [
-        "--train.val_every", str(s.val_every), "--data.val_cache_dir", str(val_cache),
+    val_every = s.val_every if val_every is None else val_every
+    val = [] if val_cache is None or val_every <= 0 else [
+        "--train.val_every", str(val_every), "--data.val_cache_dir", str(val_cache),
         "--train.val_samples", str(s.val_samples), "--sample.num_sampling_steps", str(s.sample_steps),
         "--sample.sampler", s.sampler]
     return load_config(None, [
@@ -262,7 +268,7 @@ def train_config(ws: Workspace, out: Path, steps: int, lr: float, cache: Path, e
         "--train.high_noise_share", str(s.high_noise_share),
         "--optim.lr", str(lr), "--optim.warmup_steps", str(s.warmup_steps),
         "--optim.decay_steps", str(max(steps - s.warmup_steps, 0)), "--optim.min_lr_ratio", str(s.min_lr_ratio),
-        "--checkpoint.every_steps", str(min(steps, s.val_every) if val else steps), "--grow.llm_channels", "32",
+        "--checkpoint.every_steps", str(min(steps, val_every) if val else steps), "--grow.llm_channels", "32",
         "--grow.llm_max_length", str(s.llm_tokens), *val, *extra])
 
 

@@ -4,7 +4,7 @@ it and produces every artefact; a re-run reuses finished stages; a missing or mi
 import json
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -80,6 +80,10 @@ def test_shipped_base_bundle_fits_and_matches_the_demo():
 
     info = check_base(DEFAULT_BASE, DemoSize())
     assert info["command"] == "modelgrow demo --pretrain-base"
+    # the command reproduces it: every size field of the bundle is today's default (continual-only fields aside)
+    now = json.loads(json.dumps(asdict(DemoSize())))
+    made = {k: v for k, v in info["size"].items() if not k.startswith("continual_")}
+    assert made == {k: v for k, v in now.items() if not k.startswith("continual_")}
     files = [f for f in DEFAULT_BASE.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
     assert not [f for f in files if f.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
