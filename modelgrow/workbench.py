@@ -403,7 +403,7 @@ def load_base_info(base_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no base bundle at {base_dir} (base.json missing). The demo starts from a released pre-trained base "
             f"model; build it with `modelgrow demo --pretrain-base --base-dir {base_dir}` (about 45 minutes on "
-            "2 CPU cores: 40 of them pre-training), or pass --base-dir to an existing one.")
+            "2 CPU cores: 38 of them pre-training on one thread), or pass --base-dir to an existing one.")
     return json.loads(info.read_text())
 
 
