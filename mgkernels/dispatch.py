@@ -6,6 +6,11 @@ is made at run time (opaque to ``torch.compile``) from, in order:
 1. the innermost :func:`use` context (``with mgkernels.use("ref"): ...``), else
 2. the ``MG_KERNELS`` environment variable (``auto`` | ``ref`` | ``triton`` | ``csrc``; default ``auto``).
 
+The attention ops' functional APIs (``st_attention``, ``cross_attn``, ``gated_cross_attn``) ask first, outside
+the custom op: when the answer is ``ref`` and no ``torch.compile`` trace is running (:func:`eager_ref`), they
+run the PyTorch reference under plain autograd; the custom op's reference pair (forward + hand-written
+backward) is then reached through ``torch.ops.mgkernels.*`` and under ``torch.compile``.
+
 ``auto``: CUDA tensors -> ``triton``; CPU tensors -> ``csrc`` when the op has a C++ implementation and the
 extension is built, else ``ref``. A preferred provider that cannot run (Triton not importable, extension not
 built) falls back to ``ref`` with a one-time warning.
@@ -22,7 +27,7 @@ import contextlib
 import contextvars
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -121,3 +126,15 @@ def choose(op: str, tensor: torch.Tensor, implemented: tuple[str, ...], csrc_fn:
     if device.type == "cuda" or preferred == "csrc":
         _warn_once(op, why)
     return "ref"
+
+
+def eager_ref(provider: Callable[[], str]) -> bool:
+    """Whether an op's functional API should call its PyTorch reference directly, under autograd, instead of
+    the custom-op pair: when ``provider()`` (the op's :func:`choose`) says ``ref`` and no ``torch.compile``
+    trace is running. The reference pair of a custom op cannot use autograd (its body runs below the
+    autograd key), so it saves an LSE and differentiates by hand; plain autograd through SDPA is about twice
+    as fast on a CPU. Under ``torch.compile`` the custom op stays, so the provider is still chosen at run
+    time."""
+    if torch.compiler.is_compiling():
+        return False
+    return provider() == "ref"

@@ -254,10 +254,14 @@ def test_gradcheck_ref_provider_fp64():
     x, q, k, v = r(B, N, H * D), r(B, N, H, D), r(B, L, H, D), r(B, L, H, D)
     lam = torch.tensor([0.3, -0.6], dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[True, False, True, True], [False, False, False, False]])
+    custom_op = lambda *a: gca_mod.GatedCrossAttnFunction.apply(*a, True)  # the hand-written backward
     with use("ref"):
         assert torch.autograd.gradcheck(lambda *a: gated_cross_attn(*a, mask), (x, q, k, v, lam))
+        assert torch.autograd.gradcheck(lambda *a: custom_op(*a, mask), (x, q, k, v, lam))
         lam0 = torch.zeros((), dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda *a: gated_cross_attn(*a, None), (x, q, k, v, lam0), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda *a: custom_op(*a, None), (x, q, k, v, lam0), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda *a: gca_mod.CrossAttnFunction.apply(*a, mask, True), (q, k, v))
 
 
 @pytest.mark.parametrize("provider", ["ref"] + (["triton"] if TRITON_OK else []))
