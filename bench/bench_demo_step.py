@@ -1,7 +1,8 @@
 """Training-step time of the demo's tiny STDiT on a CPU: DiT patch on the latents (``DemoSize``'s 8x8x4 since
 session 9; ``--patch`` also times others), base vs grown (insert k = 1 + LLM condition), torch threads and fp32 vs
-bf16 autocast. One step = IDDPM loss (learned sigma, the demo's prediction type) forward, backward and AdamW, batch
-``--batch``, on random latents and text states of the demo's shapes (``DemoSize``).
+bf16 autocast, and the attention ops' reference route on a CPU (``--route``: SDPA under autograd, or the custom-op
+pair). One step = IDDPM loss (learned sigma, the demo's prediction type) forward, backward and AdamW, batch
+``--batch`` with the trainer's AdamW (foreach), on random latents and text states of the demo's shapes (``DemoSize``).
 
     python bench/bench_demo_step.py                       # the grid (about a minute on a quiet 2-core machine)
     python bench/bench_demo_step.py --threads 2 --dtype float32 --grown 1 --batch 8
@@ -24,10 +25,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import print_table, time_steps, write_results  # noqa: E402
 
 
+def set_route(route: str) -> None:
+    """``eager``: the attention ops' reference runs as SDPA under autograd (what the library does on a CPU since
+    session 10); ``custom-op``: through the custom-op pair with its LSE and hand-written backward (before)."""
+    import mgkernels.gated_cross_attn as gca
+    import mgkernels.st_attention as sta
+    from mgkernels.dispatch import eager_ref
+
+    for mod in (gca, sta):
+        mod.eager_ref = eager_ref if route == "eager" else (lambda provider: False)
+
+
 def make_step(patch: int, grown: bool, dtype: str, batch: int):
+    from modelgrow.config import OptimConfig
     from modelgrow.diffusion import IDDPM
     from modelgrow.grow import add_llm_condition, expand
     from modelgrow.models import create_model
+    from modelgrow.train.state import build_optimizer
     from modelgrow.workbench import DemoSize
 
     s = DemoSize()
@@ -38,7 +52,7 @@ def make_step(patch: int, grown: bool, dtype: str, batch: int):
                          space_scale=1.0, temporal_pos=s.temporal_pos, prediction_type=s.prediction_type)
     if grown:
         model = add_llm_condition(expand(model, "insert", 1), 32, s.llm_tokens)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = build_optimizer(list(model.parameters()), OptimConfig(lr=1e-4), torch.device("cpu"))  # the trainer's
     diffusion = IDDPM(timestep_respacing="", prediction_type=s.prediction_type)
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(batch, s.vae_latent_channels, s.frames, lat, lat, generator=g)
@@ -65,20 +79,22 @@ def main(argv=None) -> int:
     ap.add_argument("--grown", default="0,1")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtype", default="float32,bfloat16")
+    ap.add_argument("--route", default="eager,custom-op", help="attention reference route(s), see set_route")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     rows = []
-    for patch, grown, threads, dtype in itertools.product(
-            [int(v) for v in args.patch.split(",")], [v == "1" for v in args.grown.split(",")],
+    for route, patch, grown, threads, dtype in itertools.product(
+            args.route.split(","), [int(v) for v in args.patch.split(",")], [v == "1" for v in args.grown.split(",")],
             [int(v) for v in args.threads.split(",")], args.dtype.split(",")):
         torch.set_num_threads(threads)
+        set_route(route)
         step, params = make_step(patch, grown, dtype, args.batch)
         for _ in range(2):  # warm-up
             step()
         t = time_steps(step, torch.device("cpu"), args.steps)
-        rows.append({"patch": patch, "grown": grown, "threads": threads, "dtype": dtype, "batch": args.batch,
+        rows.append({"route": route, "patch": patch, "grown": grown, "threads": threads, "dtype": dtype, "batch": args.batch,
                      "params": params, "ms_per_step": round(t["ms_mean"], 1), "ms_p50": round(t["ms_p50"], 1),
                      "samples_per_s": round(1000 * args.batch / t["ms_mean"], 1)})
         print_table(rows[-1:], list(rows[-1]))
