@@ -132,8 +132,8 @@ def eager_ref(provider: Callable[[], str]) -> bool:
     """Whether an op's functional API should call its PyTorch reference directly, under autograd, instead of
     the custom-op pair: when ``provider()`` (the op's :func:`choose`) says ``ref`` and no ``torch.compile``
     trace is running. The reference pair of a custom op cannot use autograd (its body runs below the
-    autograd key), so it saves an LSE and differentiates by hand; plain autograd through SDPA is about twice
-    as fast on a CPU. Under ``torch.compile`` the custom op stays, so the provider is still chosen at run
+    autograd key), so it saves an LSE and differentiates by hand; plain autograd through SDPA makes the demo's
+    CPU training step 1.3-1.7x faster. Under ``torch.compile`` the custom op stays, so the provider is still chosen at run
     time."""
     if torch.compiler.is_compiling():
         return False

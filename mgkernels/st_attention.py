@@ -616,6 +616,6 @@ def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
     if eager_ref(lambda: _provider(qkv)):
         # the reference provider in eager mode: SDPA under autograd (ATen's fused CPU attention and its
         # backward) beats the custom op's reference pair, which recomputes the scores for the LSE and again
-        # in the hand-written backward (about 2x on the demo's CPU training step)
+        # in the hand-written backward (1.3-1.7x on the demo's CPU training step, docs/demo_recipe.md section 11)
         return st_attention_ref(qkv, int(T), int(S), str(mode))
     return STAttentionFunction.apply(qkv, int(T), int(S), str(mode))
