@@ -102,6 +102,38 @@ def test_keep_last(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "checkpoints")] == ["step_00000004", "step_00000005"]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_optimizer_is_adamw(fused):
+    """build_optimizer on a CPU: the fused kernel by default (optim.fused), foreach otherwise; both follow
+    AdamW's update (decoupled weight decay, bias correction) written out here, over 5 steps with a warm-up."""
+    from modelgrow.config import OptimConfig
+    from modelgrow.train.state import build_optimizer, build_scheduler
+
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, warmup_steps=3, fused=fused)
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in ((5, 3), (7,), (2, 2, 2))]
+    ref = [p.detach().clone() for p in params]
+    m, v = [torch.zeros_like(p) for p in ref], [torch.zeros_like(p) for p in ref]
+    opt = build_optimizer(params, cfg, torch.device("cpu"))
+    sched = build_scheduler(opt, cfg)
+    assert opt.defaults["fused"] is (True if fused else None) and opt.defaults["foreach"] is (None if fused else True)
+    (b1, b2), eps = cfg.betas, cfg.eps
+    for n in range(1, 6):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        lr = opt.param_groups[0]["lr"]
+        for p, gr in zip(params, grads, strict=True):
+            p.grad = gr.clone()
+        opt.step()
+        sched.step()
+        for i, gr in enumerate(grads):
+            m[i] = b1 * m[i] + (1 - b1) * gr
+            v[i] = b2 * v[i] + (1 - b2) * gr * gr
+            ref[i] = ref[i] * (1 - lr * cfg.weight_decay)
+            ref[i] = ref[i] - lr * (m[i] / (1 - b1 ** n)) / ((v[i] / (1 - b2 ** n)).sqrt() + eps)
+    for p, r in zip(params, ref, strict=True):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-6)
+
+
 def test_condition_dropout_rates():
     cfg = TrainConfig()
     g = torch.Generator().manual_seed(0)
