@@ -35,7 +35,7 @@ from modelgrow.text.tiny import build_tiny_t5
 from modelgrow.train import Trainer
 from modelgrow.train.checkpoint import latest_checkpoint
 from modelgrow.train.export import export_checkpoint
-from modelgrow.vae import VideoVAE, train_tiny_autoencoder
+from modelgrow.vae import VideoVAE, check_reconstruction, train_tiny_autoencoder
 from modelgrow.workbench import git_sha
 
 RESULTS = Path(__file__).resolve().parent / "results" / "direction_pair"
@@ -74,6 +74,7 @@ def encoders_and_cache(root: Path, manifest: Path, specs, caption_rows: list[dic
         frames = torch.cat([torch.from_numpy(render_clip(s, FRAMES, SIZE, SIZE)).permute(0, 3, 1, 2).float() / 127.5 - 1
                             for s in specs])
         vae, _ = train_tiny_autoencoder(frames, vae_steps, **{"channels": (16, 16, 16), **(vae_kwargs or {})})
+        check_reconstruction(vae, frames)  # a fit that lost the objects is not saved (a rerun fits again)
         vae.save_pretrained(root / "vae")
         # short and long captions: a tokenizer trained on the short ones alone splits them into characters
         build_tiny_t5(str(root / "t5"), vocab_size=60, d_model=32,

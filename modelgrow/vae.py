@@ -14,6 +14,7 @@ Weights load from a local directory only (nothing is downloaded).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from pathlib import Path
 
@@ -139,16 +140,47 @@ class VideoVAE(nn.Module):
         return next(self.module.parameters()).dtype
 
 
-def foreground_weights(frames: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
-    """Per-pixel loss weights ``1 + weight * fg`` for frames [N, 3, H, W] in [-1, 1] with a plain background:
-    the background colour of a frame is the median of its border pixels and ``fg`` marks pixels whose largest
-    channel difference from it exceeds ``threshold``. In the synthetic world the object covers 1-5% of a frame, so
-    a plain mean-squared error spends almost all of a small autoencoder's capacity on the background and
-    returns the object as a blob of roughly the right colour; weighting the object's pixels keeps its outline."""
+def foreground_mask(frames: torch.Tensor, threshold: float = 0.1) -> torch.Tensor:
+    """[N, 1, H, W] bool: the pixels of frames [N, 3, H, W] in [-1, 1] whose largest channel difference from the
+    frame's background colour (the median of its border pixels) exceeds ``threshold``."""
     border = torch.cat([frames[..., 0, :], frames[..., -1, :], frames[..., :, 0], frames[..., :, -1]], dim=-1)
     bg = border.median(dim=-1).values[..., None, None]  # [N, 3, 1, 1]
-    fg = ((frames - bg).abs().amax(dim=1, keepdim=True) > threshold).to(frames.dtype)
-    return 1.0 + weight * fg
+    return (frames - bg).abs().amax(dim=1, keepdim=True) > threshold
+
+
+def foreground_weights(frames: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
+    """Per-pixel loss weights ``1 + weight * fg`` for frames [N, 3, H, W] in [-1, 1] with a plain background
+    (``fg``: :func:`foreground_mask`). In the synthetic world the object covers 1-5% of a frame, so a plain
+    mean-squared error spends almost all of a small autoencoder's capacity on the background and returns the
+    object as a blob of roughly the right colour; weighting the object's pixels keeps its outline."""
+    return 1.0 + weight * foreground_mask(frames, threshold).to(frames.dtype)
+
+
+def foreground_psnr(frames: torch.Tensor, recon: torch.Tensor, threshold: float = 0.1) -> float:
+    """PSNR (dB, peak-to-peak 2) of ``recon`` against ``frames`` [N, 3, H, W] in [-1, 1] over the foreground
+    pixels of ``frames`` only (:func:`foreground_mask`; every pixel when a batch has none). The whole-frame PSNR
+    of an autoencoder that returns the background alone is still ~20 dB when objects cover a few % of a frame;
+    this reads ~10 dB for it, 24 dB for the shipped demo bundle's VAE on held-out clips and 29-39 dB for
+    ``experiments/direction_bridge.py``'s fits on their training clips."""
+    m = foreground_mask(frames, threshold).expand_as(frames)
+    err = (recon.clamp(-1, 1) - frames)[m] if m.any() else recon.clamp(-1, 1) - frames
+    return 10 * math.log10(4.0 / max(err.square().mean().item(), 1e-12))
+
+
+def check_reconstruction(vae: nn.Module, frames: torch.Tensor, min_foreground_psnr: float = 15.0, n: int = 256) -> float:
+    """The foreground PSNR of a trained ``AutoencoderTiny`` on up to ``n`` of ``frames`` (evenly spaced); raises
+    when it is below ``min_foreground_psnr``: a fit whose latents lost the object (seen once: a 1000-step fit on
+    red/green/blue/yellow shapes on gray read 10.5 dB and a DiT trained on its latents drew empty frames)."""
+    idx = torch.linspace(0, len(frames) - 1, min(n, len(frames))).long()
+    with torch.no_grad():
+        x = frames[idx]
+        rec = torch.cat([vae.decode(vae.encode(x[i : i + 64]).latents).sample for i in range(0, len(x), 64)])
+    db = foreground_psnr(x, rec)
+    if db < min_foreground_psnr:
+        raise RuntimeError(f"the autoencoder does not reconstruct the objects: foreground PSNR {db:.1f} dB < "
+                           f"{min_foreground_psnr:g} dB, so its latents carry (almost) nothing but the background. "
+                           "Train it for more steps or with another seed (nothing was saved).")
+    return db
 
 
 def train_tiny_autoencoder(frames: torch.Tensor, steps: int, lr: float = 3e-3, channels: tuple[int, ...] = (32, 32, 32),

@@ -55,6 +55,7 @@ class DemoSize:
     # direction word needs ~50k+ steps, affordable only at 8x8 (docs/demo_recipe.md sections 1, 9, 10)
     vae_latent_channels: int = 4
     vae_foreground_weight: float = 8.0
+    vae_min_foreground_psnr: float = 15.0  # refuse a fit that lost the objects (train_vae; 24 dB: the shipped VAE)
     # DiT (STDiT-tiny's sizes: 2 blocks, width 64)
     patch: int = 2  # DiT spatial patch on the latent: a token covers 8x8 pixels, 16 tokens per frame
     depth: int = 2
@@ -97,7 +98,7 @@ class DemoSize:
     classifier_steps: int = 300
 
 
-QUICK = DemoSize(n_train=8, n_heldout=4, frames=4, size=32, vae_steps=4, vae_channels=(8, 8), depth=2, hidden=32,
+QUICK = DemoSize(n_train=8, n_heldout=4, frames=4, size=32, vae_steps=4, vae_min_foreground_psnr=0.0, vae_channels=(8, 8), depth=2, hidden=32,
                  heads=2, patch=4, compute_dtype="float32", t5_tokens=16, llm_tokens=16, batch=4, pretrain_steps=3, continual_steps=3, continual_batch=4, warmup_steps=1,
                  sample_steps=2, sample_prompts=1, classifier_train=32, classifier_steps=5, val_every=2, continual_val_every=2,
                  val_samples=1)
@@ -202,7 +203,7 @@ def read_frames(ws: Workspace, domain_split: list[tuple[str, str]]) -> torch.Ten
 def train_vae(ws: Workspace, progress=None) -> dict:
     """The tiny AutoencoderTiny on the training frames of both domains (the stand-in for SD's general-purpose VAE:
     it must encode domain B too), foreground-weighted; saved to ``ws.vae_dir``. Returns held-out PSNR etc."""
-    from .vae import train_tiny_autoencoder
+    from .vae import check_reconstruction, train_tiny_autoencoder
 
     s = ws.size
     train = read_frames(ws, [("A", "train"), ("B", "train")])
@@ -212,9 +213,11 @@ def train_vae(ws: Workspace, progress=None) -> dict:
     with torch.no_grad():
         held = read_frames(ws, [("A", "heldout"), ("B", "heldout")])[:128]
         rec = vae.decode(vae.encode(held).latents).sample.clamp(-1, 1)
+    fg_db = check_reconstruction(vae, held, s.vae_min_foreground_psnr)  # raises before saving a fit that lost the objects
     vae.save_pretrained(ws.vae_dir)
     mse = ((rec - held) / 2).square().mean().item()
-    return {"psnr_heldout_db": 10 * math.log10(1 / max(mse, 1e-12)), "final_loss": losses[-1] if losses else None,
+    return {"psnr_heldout_db": 10 * math.log10(1 / max(mse, 1e-12)), "foreground_psnr_heldout_db": fg_db,
+            "final_loss": losses[-1] if losses else None,
             "steps": s.vae_steps, "shift_factor": vae.config.shift_factor, "scaling_factor": vae.config.scaling_factor,
             "losses": [(i, v) for i, v in enumerate(losses) if i % 50 == 0 or i == len(losses) - 1]}
 

@@ -68,7 +68,7 @@ def test_resume_is_bit_exact(tmp_path):
     assert second.step == 3 and second.loader.position == 3
     h2 = [m["loss"] for m in second.fit()]
     assert h1 + h2 == h_straight
-    for (n, p), q in zip(straight.model.named_parameters(), second.model.parameters()):
+    for (n, p), q in zip(straight.model.named_parameters(), second.model.parameters(), strict=True):
         assert torch.equal(p, q), n
     for n, t in straight.ema.shadow.items():
         assert torch.equal(t, second.ema.shadow[n]), n
