@@ -107,6 +107,8 @@ def main(argv=None) -> int:
                          "object the scale it has on one background")
     ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--train-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="more [train] settings for the DiT, e.g. snr_gamma=5 or noise_offset=0.1 (repeatable)")
     ap.add_argument("--work", type=Path, default=Path("runs/direction_bridge"))
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -137,18 +139,21 @@ def main(argv=None) -> int:
     lat = SIZE // (2 if args.geometry == "demo" else 4)
     pred, tpos, share = CONFIGS[args.config]
     share = share if args.share is None else args.share
-    name = f"{args.config}-share{share:g}-{args.model}-s{args.steps}-b{args.batch}-{args.compute_dtype}"
+    extra = dict(kv.split("=", 1) for kv in args.train_set)
+    name = (f"{args.config}-share{share:g}-{args.model}-s{args.steps}-b{args.batch}-{args.compute_dtype}"
+            + "".join(f"-{k}{v}" for k, v in sorted(extra.items())))
     out = root / name
     train_s = train_tiny(root / "cache", out, T5_TOKENS, pred, tpos, "logit_normal", share, 800, args.steps, lat=lat,
                          overrides=(*MODELS[args.model], "--train.batch_size", str(args.batch),
                                     "--train.compute_dtype", args.compute_dtype,
+                                    *(x for k, v in sorted(extra.items()) for x in (f"--train.{k}", v)),
                                     *(("--model.space_scale", "1.0") if args.geometry == "demo" else ())))
     pipe = ModelGrowPipeline(from_pretrained(out / "model").eval(), vae, t5, config={"t5_max_length": T5_TOKENS})
     evaluator = SemanticClassifier.load(DEFAULT_BASE / "evaluator.safetensors")
     prompts = specs_for(vary, args.prompts, 5, "heldout")
     res = {"vary": sorted(vary), "clips": args.clips, "twins": args.twins, "latent_scale": args.latent_scale, "geometry": args.geometry, "compute_dtype": args.compute_dtype, "config": args.config, "prediction_type": pred,
            "temporal_pos": tpos, "high_noise_share": share, "model": args.model, "steps": args.steps,
-           "batch": args.batch, "train_seconds": round(train_s, 1), "by_guidance": {}}
+           "batch": args.batch, "train_set": extra, "train_seconds": round(train_s, 1), "by_guidance": {}}
     for g in (1.0, 4.0):
         v = pipe([short_caption(p) for p in prompts], generator=torch.Generator().manual_seed(100),
                  num_frames=FRAMES, height=SIZE, width=SIZE, sampler="iddpm", num_inference_steps=50,
@@ -167,7 +172,8 @@ def main(argv=None) -> int:
     path = args.results / "results.json"
     runs = json.loads(path.read_text())["runs"] if path.exists() else []
     key = lambda r: (tuple(r["vary"]), r["clips"], r.get("twins", False), r.get("latent_scale", 1.0), r.get("geometry", "8x8"), r["config"], r["high_noise_share"],  # noqa: E731
-                     r["model"], r["steps"], r["batch"], r.get("compute_dtype", "float32"))
+                     r["model"], r["steps"], r["batch"], r.get("compute_dtype", "float32"),
+                     tuple(sorted(r.get("train_set", {}).items())))
     runs = [r for r in runs if key(r) != key(res)] + [res]
     meta = {"git_sha": git_sha(), "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "python": sys.version.split()[0], "prompts": args.prompts, "vae_steps": args.vae_steps}
@@ -178,17 +184,20 @@ def main(argv=None) -> int:
              f"object's centroid. Last run: git {(meta['git_sha'] or '?')[:10]}, torch {meta['torch']}, "
              f"{meta['machine']}.", "",
              "| varies besides direction | clips | time-reversed twins | latents | latent scale | objective | high-noise share | model | steps x batch | "
-             "guidance | shape | colour | background | direction (evaluator) | direction (centroid) | train s |",
-             "|" + "---|" * 16]
+             "more [train] settings | guidance | shape | colour | background | direction (evaluator) | "
+             "direction (centroid) | train s |",
+             "|" + "---|" * 17]
     runs.sort(key=lambda r: (r.get("geometry", "8x8") != "8x8", len(r["vary"]), r["vary"], r["clips"],
-                             r.get("twins", False), r.get("latent_scale", 1.0), r["model"], r["config"], r["high_noise_share"], r["steps"]))
+                             r.get("twins", False), r.get("latent_scale", 1.0), r["model"], r["config"], r["high_noise_share"], r["steps"],
+                             sorted(r.get("train_set", {}).items())))
     for r in runs:
         for g, s in r["by_guidance"].items():
             geo = "16x16 (bundle VAE)" if r.get("geometry") == "demo" else "8x8"
             lines.append(f"| {', '.join(r['vary']) or '-'} | {r['clips']} | "
                          f"{'yes' if r.get('twins') else 'no'} | {geo} | x{r.get('latent_scale', 1.0):g} | {r['config']} | "
                          f"{r['high_noise_share']:.0%} | {r['model']} | "
-                         f"{r['steps']} x {r['batch']} | {float(g):g} | {s['shape']:.2f} | {s['color']:.2f} | "
+                         f"{r['steps']} x {r['batch']} | "
+                         f"{', '.join(f'{k}={v}' for k, v in sorted(r.get('train_set', {}).items())) or '-'} | {float(g):g} | {s['shape']:.2f} | {s['color']:.2f} | "
                          f"{s['background']:.2f} | {s['direction']:.2f} | {s['direction_centroid']:.2f} | "
                          f"{r['train_seconds']:.0f} |")
     lines += ["", "v = v-prediction + temporal embedding on every token + 30 % of the timesteps in [800, 1000); "

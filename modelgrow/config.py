@@ -258,6 +258,13 @@ class TrainConfig:
                                       "[high_noise_from, 1000) instead (0: off, Open-Sora v1.0); with v_prediction it "
                                       "teaches the caption where x_t no longer shows the clip (the motion's direction)")
     high_noise_from: int = _f(800, "lowest timestep of the high-noise share")
+    snr_gamma: float = _f(0.0, "Min-SNR-gamma loss weighting (Hang et al. 2023; diffusers' --snr_gamma): the MSE term of "
+                               "a sample at timestep t is weighted min(SNR(t), gamma) / SNR(t) (eps), / (SNR(t) + 1) "
+                               "(v) or / 1 (x0), i.e. min(SNR, gamma) on the x0 error; the learned-variance term and "
+                               "the logged held-out losses are unweighted. 0: off (Open-Sora v1.0); 5 is the paper's")
+    noise_offset: float = _f(0.0, "offset noise (diffusers' --noise_offset): each training sample's noise gets "
+                                  "noise_offset * N(0, 1) per latent channel, constant over frames and pixels, so the "
+                                  "model learns to move a clip's mean colour. 0: off (Open-Sora v1.0)")
     param_dtype: Literal["float32", "bfloat16"] = _f(
         "float32", "dtype the trained weights, their gradients and the optimizer state are kept in (the EMA is fp32 "
         "either way): float32 (master weights, the default) or bfloat16 (pure-bf16 training: half the memory; needs "
@@ -306,6 +313,8 @@ class TrainConfig:
         _check(self.timestep_std > 0, "train.timestep_std", f"must be > 0, got {self.timestep_std}")
         _check(0.0 <= self.high_noise_share <= 1.0, "train.high_noise_share", f"must be in [0, 1], got {self.high_noise_share}")
         _check(0 <= self.high_noise_from < 1000, "train.high_noise_from", f"must be in [0, 1000), got {self.high_noise_from}")
+        _check(self.snr_gamma >= 0, "train.snr_gamma", f"must be >= 0 (0: off), got {self.snr_gamma}")
+        _check(self.noise_offset >= 0, "train.noise_offset", f"must be >= 0 (0: off), got {self.noise_offset}")
         _check(self.ema_inv_gamma > 0, "train.ema_inv_gamma", f"must be > 0, got {self.ema_inv_gamma}")
         _check(self.ema_power > 0, "train.ema_power", f"must be > 0, got {self.ema_power}")
         _check(0.0 <= self.ema_min_decay <= self.ema_decay, "train.ema_min_decay",

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -202,6 +203,57 @@ def test_high_noise_share(tmp_path):
     assert t.max() <= 999 and (t >= 900).float().mean().item() == pytest.approx(0.15 + 0.7 * base_900, abs=0.02)
     with pytest.raises(ValueError, match="high_noise_share"):
         _cfg(tmp_path, "--train.high_noise_share", "1.5")
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_gamma_weights_the_mse_term(tmp_path, prediction):
+    """train.snr_gamma = 5: the loss a step optimises is mean(w(t) * MSE + VB), w = min(SNR, 5) / SNR for eps and
+    min(SNR, 5) / (SNR + 1) for v (Hang et al. 2023; diffusers' --snr_gamma), with SNR from the linear schedule and
+    the MSE written out here (the model called directly on x_t); 0 leaves the plain MSE + VB."""
+    losses = {}
+    for gamma in ("0", "5"):
+        tr = Trainer(_cfg(tmp_path / gamma, "--train.steps", "1", "--train.snr_gamma", gamma, "--train.t5_drop", "0",
+                          "--model.prediction_type", prediction), loader=_loader(batch=6), log=lambda *_: None)
+        batch = next(iter(tr.loader))
+        x0 = batch["latent"].float()
+        t, noise, _ = tr.sample_randomness(batch, x0.shape)
+        ac = torch.from_numpy(np.cumprod(1 - np.linspace(1e-4, 0.02, 1000)))[t].view(-1, 1, 1, 1, 1)
+        x_t = (ac.sqrt() * x0 + (1 - ac).sqrt() * noise).float()
+        with torch.no_grad():
+            out = tr.model(x_t, t, y=batch["y"], mask=batch["mask"], drop_t5=torch.zeros(6, dtype=torch.bool))
+            vb = tr.diffusion.training_losses(tr.model, x0, t, model_kwargs={"y": batch["y"], "mask": batch["mask"]},
+                                              noise=noise)["vb"]
+        target = noise if prediction == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
+        mse = (out[:, :4].double() - target).square().mean((1, 2, 3, 4))
+        snr = (ac / (1 - ac)).flatten()
+        w = snr.clamp(max=5) / (snr if prediction == "epsilon" else snr + 1) if gamma == "5" else torch.ones_like(snr)
+        got = tr.train_step([batch])["loss"].item()
+        assert got == pytest.approx((w * mse + vb).mean().item(), rel=1e-4)
+        losses[gamma] = got
+    assert abs(losses["5"] - losses["0"]) > 1e-3 * losses["0"]  # the weighting is not a no-op on this batch
+    with pytest.raises(ValueError, match="snr_gamma"):
+        _cfg(tmp_path, "--train.snr_gamma", "-1")
+
+
+def test_noise_offset_adds_one_value_per_sample_and_channel(tmp_path):
+    """train.noise_offset = 0.5: each sample's noise is the same N(0, 1) draw as without it plus 0.5 * N(0, 1) per
+    latent channel, constant over frames and pixels; 0 (the default) draws exactly as before."""
+    shape = torch.Size([400, 4, 4, 8, 8])
+    idx = {"index": torch.arange(400)}
+    _, plain, _ = Trainer(_cfg(tmp_path / "a", "--train.steps", "1"), loader=_loader(),
+                          log=lambda *_: None).sample_randomness(idx, shape)
+    _, zero, _ = Trainer(_cfg(tmp_path / "b", "--train.steps", "1", "--train.noise_offset", "0"), loader=_loader(),
+                         log=lambda *_: None).sample_randomness(idx, shape)
+    _, off, _ = Trainer(_cfg(tmp_path / "c", "--train.steps", "1", "--train.noise_offset", "0.5"), loader=_loader(),
+                        log=lambda *_: None).sample_randomness(idx, shape)
+    assert torch.equal(plain, zero)
+    d = off - plain
+    per = d[:, :, :1, :1, :1]
+    assert torch.allclose(d, per.expand_as(d), atol=1e-6)  # one value per (sample, channel)
+    assert per.std().item() == pytest.approx(0.5, rel=0.08) and abs(per.mean().item()) < 0.05
+    assert (per[:, 0] - per[:, 1]).std().item() == pytest.approx(0.5 * 2 ** 0.5, rel=0.1)  # independent per channel
+    with pytest.raises(ValueError, match="noise_offset"):
+        _cfg(tmp_path, "--train.noise_offset", "-0.1")
 
 
 def _changed(before, model):

@@ -478,7 +478,8 @@ class Trainer:
             if self.has_llm:
                 kwargs |= {"y_llm": b.get("y_llm"), "llm_mask": b.get("llm_mask"), "drop_llm": drop_llm}
             with self._autocast():
-                loss = self.diffusion.training_losses(self.model, x0, t, model_kwargs=kwargs, noise=noise)["loss"].mean()
+                terms = self.diffusion.training_losses(self.model, x0, t, model_kwargs=kwargs, noise=noise)
+            loss = self._weighted_loss(terms, t).mean()
             (loss / n).backward()
             total += loss.detach() / n
             samples += B
@@ -493,6 +494,21 @@ class Trainer:
         self._nonfinite |= ~torch.isfinite(total)
         return {"loss": total, "grad_norm": grad_norm, "samples": samples, "tokens": tokens, "flop": flop,
                 "ema_decay": ema_decay}
+
+    def _weighted_loss(self, terms: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        """Per-sample training loss: the diffusion's ``loss``, or with ``train.snr_gamma`` > 0 its MSE term weighted
+        by Min-SNR-gamma (the x0 error weighted min(SNR, gamma), expressed for the model's target) plus the
+        unweighted learned-variance term."""
+        gamma = self.cfg.train.snr_gamma
+        if gamma <= 0:
+            return terms["loss"]
+        if not hasattr(self, "_snr"):
+            ac = torch.as_tensor(self.diffusion.alphas_cumprod, dtype=torch.float64)
+            self._snr = (ac / (1 - ac)).to(self.device)
+        snr = self._snr[t]
+        per = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[self.prediction_type]
+        w = (snr.clamp(max=gamma) / per).float()
+        return w * terms["mse"] + terms.get("vb", 0.0)
 
     def batch_cost(self, shape) -> tuple[int, float]:
         """(tokens, training FLOPs) of one sample of latent shape [B, C, T, H, W], cached per shape."""
@@ -527,7 +543,10 @@ class Trainer:
             g = torch.Generator().manual_seed(key)
             ts.append(self._draw_timestep(g))
             us.append(torch.rand(1, generator=g))
-            noises.append(torch.randn(shape[1:], generator=g))
+            noise = torch.randn(shape[1:], generator=g)
+            if self.cfg.train.noise_offset > 0:  # drawn after the rest: runs without it keep their streams
+                noise += self.cfg.train.noise_offset * torch.randn(shape[1], *(1,) * (len(shape) - 2), generator=g)
+            noises.append(noise)
         return (torch.cat(ts).to(self.device), torch.stack(noises).to(self.device), torch.cat(us))
 
     def _draw_timestep(self, g: torch.Generator) -> torch.Tensor:
