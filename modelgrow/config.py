@@ -262,6 +262,10 @@ class TrainConfig:
                                "a sample at timestep t is weighted min(SNR(t), gamma) / SNR(t) (eps), / (SNR(t) + 1) "
                                "(v) or / 1 (x0), i.e. min(SNR, gamma) on the x0 error; the learned-variance term and "
                                "the logged held-out losses are unweighted. 0: off (Open-Sora v1.0); 5 is the paper's")
+    snr_gamma_mode: Literal["x0", "cap"] = _f(
+        "x0", "with snr_gamma > 0: x0 = the paper's weighting above; cap = only the low-noise end is down-weighted, "
+        "the model's own MSE times min(1, gamma / SNR(t)): the same as x0 for eps, but for v it keeps v's full weight "
+        "where SNR <= gamma (x0 gives the high-noise end, where a clip's motion is decided, almost no weight)")
     noise_offset: float = _f(0.0, "offset noise (diffusers' --noise_offset): each training sample's noise gets "
                                   "noise_offset * N(0, 1) per latent channel, constant over frames and pixels, so the "
                                   "model learns to move a clip's mean colour. 0: off (Open-Sora v1.0)")
@@ -314,6 +318,8 @@ class TrainConfig:
         _check(0.0 <= self.high_noise_share <= 1.0, "train.high_noise_share", f"must be in [0, 1], got {self.high_noise_share}")
         _check(0 <= self.high_noise_from < 1000, "train.high_noise_from", f"must be in [0, 1000), got {self.high_noise_from}")
         _check(self.snr_gamma >= 0, "train.snr_gamma", f"must be >= 0 (0: off), got {self.snr_gamma}")
+        _check(self.snr_gamma_mode in ("x0", "cap"), "train.snr_gamma_mode",
+               f"unknown {self.snr_gamma_mode!r}; choose x0 or cap")
         _check(self.noise_offset >= 0, "train.noise_offset", f"must be >= 0 (0: off), got {self.noise_offset}")
         _check(self.ema_inv_gamma > 0, "train.ema_inv_gamma", f"must be > 0, got {self.ema_inv_gamma}")
         _check(self.ema_power > 0, "train.ema_power", f"must be > 0, got {self.ema_power}")

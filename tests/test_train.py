@@ -205,15 +205,17 @@ def test_high_noise_share(tmp_path):
         _cfg(tmp_path, "--train.high_noise_share", "1.5")
 
 
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
-def test_min_snr_gamma_weights_the_mse_term(tmp_path, prediction):
+@pytest.mark.parametrize("prediction,mode", [("epsilon", "x0"), ("v_prediction", "x0"), ("v_prediction", "cap")])
+def test_min_snr_gamma_weights_the_mse_term(tmp_path, prediction, mode):
     """train.snr_gamma = 5: the loss a step optimises is mean(w(t) * MSE + VB), w = min(SNR, 5) / SNR for eps and
-    min(SNR, 5) / (SNR + 1) for v (Hang et al. 2023; diffusers' --snr_gamma), with SNR from the linear schedule and
-    the MSE written out here (the model called directly on x_t); 0 leaves the plain MSE + VB."""
+    min(SNR, 5) / (SNR + 1) for v (Hang et al. 2023; diffusers' --snr_gamma), or with snr_gamma_mode = cap
+    min(1, 5 / SNR) whatever the target; SNR from the linear schedule and the MSE written out here (the model
+    called directly on x_t); 0 leaves the plain MSE + VB."""
     losses = {}
     for gamma in ("0", "5"):
         tr = Trainer(_cfg(tmp_path / gamma, "--train.steps", "1", "--train.snr_gamma", gamma, "--train.t5_drop", "0",
-                          "--model.prediction_type", prediction), loader=_loader(batch=6), log=lambda *_: None)
+                          "--model.prediction_type", prediction, "--train.snr_gamma_mode", mode),
+                     loader=_loader(batch=6), log=lambda *_: None)
         batch = next(iter(tr.loader))
         x0 = batch["latent"].float()
         t, noise, _ = tr.sample_randomness(batch, x0.shape)
@@ -226,13 +228,16 @@ def test_min_snr_gamma_weights_the_mse_term(tmp_path, prediction):
         target = noise if prediction == "epsilon" else ac.sqrt() * noise - (1 - ac).sqrt() * x0
         mse = (out[:, :4].double() - target).square().mean((1, 2, 3, 4))
         snr = (ac / (1 - ac)).flatten()
-        w = snr.clamp(max=5) / (snr if prediction == "epsilon" else snr + 1) if gamma == "5" else torch.ones_like(snr)
+        w = snr.clamp(max=5) / (snr if prediction == "epsilon" else snr + 1)
+        w = torch.ones_like(snr) if gamma == "0" else (5 / snr).clamp(max=1) if mode == "cap" else w
         got = tr.train_step([batch])["loss"].item()
         assert got == pytest.approx((w * mse + vb).mean().item(), rel=1e-4)
         losses[gamma] = got
     assert abs(losses["5"] - losses["0"]) > 1e-3 * losses["0"]  # the weighting is not a no-op on this batch
     with pytest.raises(ValueError, match="snr_gamma"):
         _cfg(tmp_path, "--train.snr_gamma", "-1")
+    with pytest.raises(ValueError, match="snr_gamma_mode"):
+        _cfg(tmp_path, "--train.snr_gamma_mode", "min")
 
 
 def test_noise_offset_adds_one_value_per_sample_and_channel(tmp_path):

@@ -497,8 +497,8 @@ class Trainer:
 
     def _weighted_loss(self, terms: dict[str, torch.Tensor], t: torch.Tensor) -> torch.Tensor:
         """Per-sample training loss: the diffusion's ``loss``, or with ``train.snr_gamma`` > 0 its MSE term weighted
-        by Min-SNR-gamma (the x0 error weighted min(SNR, gamma), expressed for the model's target) plus the
-        unweighted learned-variance term."""
+        by Min-SNR-gamma (``snr_gamma_mode`` x0: the x0 error weighted min(SNR, gamma), expressed for the model's
+        target; cap: the target's own error weighted min(1, gamma / SNR)) plus the unweighted learned-variance term."""
         gamma = self.cfg.train.snr_gamma
         if gamma <= 0:
             return terms["loss"]
@@ -506,8 +506,11 @@ class Trainer:
             ac = torch.as_tensor(self.diffusion.alphas_cumprod, dtype=torch.float64)
             self._snr = (ac / (1 - ac)).to(self.device)
         snr = self._snr[t]
-        per = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[self.prediction_type]
-        w = (snr.clamp(max=gamma) / per).float()
+        if self.cfg.train.snr_gamma_mode == "cap":
+            w = (gamma / snr).clamp(max=1).float()
+        else:
+            per = {"epsilon": snr, "v_prediction": snr + 1, "sample": torch.ones_like(snr)}[self.prediction_type]
+            w = (snr.clamp(max=gamma) / per).float()
         return w * terms["mse"] + terms.get("vb", 0.0)
 
     def batch_cost(self, shape) -> tuple[int, float]:
