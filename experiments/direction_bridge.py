@@ -87,6 +87,46 @@ def sheet(videos: np.ndarray, path: Path) -> None:
                                                     Image.NEAREST).save(path)
 
 
+def _key(r: dict) -> tuple:
+    return (tuple(r["vary"]), r["clips"], r.get("twins", False), r.get("latent_scale", 1.0), r.get("geometry", "8x8"),
+            r["config"], r["high_noise_share"], r["model"], r["steps"], r["batch"], r.get("compute_dtype", "float32"),
+            tuple(sorted(r.get("train_set", {}).items())))
+
+
+def record(results: Path, res: dict, meta: dict) -> None:
+    """Add run ``res`` to ``results``/results.json (replacing a run of the same settings) and rewrite results.md."""
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / "results.json"
+    runs = json.loads(path.read_text())["runs"] if path.exists() else []
+    runs = [r for r in runs if _key(r) != _key(res)] + [res]
+    path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+    lines = ["# From one moving square to domain A's variety (experiments/direction_bridge.py)", "",
+             f"Held: {HELD} unless varied; per run {meta['prompts']} held-out "
+             "prompts, IDDPM-50, one noise each; read by the demo bundle's evaluator and (direction) by the "
+             f"object's centroid. Last run: git {(meta['git_sha'] or '?')[:10]}, torch {meta['torch']}, "
+             f"{meta['machine']}.", "",
+             "| varies besides direction | clips | time-reversed twins | latents | latent scale | objective | high-noise share | model | steps x batch | "
+             "more [train] settings | guidance | shape | colour | background | direction (evaluator) | "
+             "direction (centroid) | train s |",
+             "|" + "---|" * 17]
+    runs.sort(key=lambda r: (r.get("geometry", "8x8") != "8x8", len(r["vary"]), r["vary"], r["clips"],
+                             r.get("twins", False), r.get("latent_scale", 1.0), r["model"], r["config"], r["high_noise_share"], r["steps"],
+                             sorted(r.get("train_set", {}).items())))
+    for r in runs:
+        for g, s in r["by_guidance"].items():
+            geo = "16x16 (bundle VAE)" if r.get("geometry") == "demo" else "8x8"
+            lines.append(f"| {', '.join(r['vary']) or '-'} | {r['clips']} | "
+                         f"{'yes' if r.get('twins') else 'no'} | {geo} | x{r.get('latent_scale', 1.0):g} | {r['config']} | "
+                         f"{r['high_noise_share']:.0%} | {r['model']} | "
+                         f"{r['steps']} x {r['batch']} | "
+                         f"{', '.join(f'{k}={v}' for k, v in sorted(r.get('train_set', {}).items())) or '-'} | {float(g):g} | {s['shape']:.2f} | {s['color']:.2f} | "
+                         f"{s['background']:.2f} | {s['direction']:.2f} | {s['direction_centroid']:.2f} | "
+                         f"{r['train_seconds']:.0f} |")
+    lines += ["", "v = v-prediction + temporal embedding on every token + 30 % of the timesteps in [800, 1000); "
+              "eps = Open-Sora v1.0's objective and placement. Chance: direction 0.25, shape 0.33, colour 0.25."]
+    (results / "results.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vary", default="direction", help="comma-separated attributes that vary besides direction "
@@ -168,41 +208,9 @@ def main(argv=None) -> int:
         sheet(u8, out / f"samples_g{g:g}.png")
         print(name, tag, f"guidance {g:g}:", {a: round(sc[a], 2) for a in SCORED},
               "centroid", round(res["by_guidance"][str(g)]["direction_centroid"], 2), flush=True)
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / "results.json"
-    runs = json.loads(path.read_text())["runs"] if path.exists() else []
-    key = lambda r: (tuple(r["vary"]), r["clips"], r.get("twins", False), r.get("latent_scale", 1.0), r.get("geometry", "8x8"), r["config"], r["high_noise_share"],  # noqa: E731
-                     r["model"], r["steps"], r["batch"], r.get("compute_dtype", "float32"),
-                     tuple(sorted(r.get("train_set", {}).items())))
-    runs = [r for r in runs if key(r) != key(res)] + [res]
     meta = {"git_sha": git_sha(), "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
             "python": sys.version.split()[0], "prompts": args.prompts, "vae_steps": args.vae_steps}
-    path.write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
-    lines = ["# From one moving square to domain A's variety (experiments/direction_bridge.py)", "",
-             f"Held: {HELD} unless varied; per run {args.prompts} held-out "
-             "prompts, IDDPM-50, one noise each; read by the demo bundle's evaluator and (direction) by the "
-             f"object's centroid. Last run: git {(meta['git_sha'] or '?')[:10]}, torch {meta['torch']}, "
-             f"{meta['machine']}.", "",
-             "| varies besides direction | clips | time-reversed twins | latents | latent scale | objective | high-noise share | model | steps x batch | "
-             "more [train] settings | guidance | shape | colour | background | direction (evaluator) | "
-             "direction (centroid) | train s |",
-             "|" + "---|" * 17]
-    runs.sort(key=lambda r: (r.get("geometry", "8x8") != "8x8", len(r["vary"]), r["vary"], r["clips"],
-                             r.get("twins", False), r.get("latent_scale", 1.0), r["model"], r["config"], r["high_noise_share"], r["steps"],
-                             sorted(r.get("train_set", {}).items())))
-    for r in runs:
-        for g, s in r["by_guidance"].items():
-            geo = "16x16 (bundle VAE)" if r.get("geometry") == "demo" else "8x8"
-            lines.append(f"| {', '.join(r['vary']) or '-'} | {r['clips']} | "
-                         f"{'yes' if r.get('twins') else 'no'} | {geo} | x{r.get('latent_scale', 1.0):g} | {r['config']} | "
-                         f"{r['high_noise_share']:.0%} | {r['model']} | "
-                         f"{r['steps']} x {r['batch']} | "
-                         f"{', '.join(f'{k}={v}' for k, v in sorted(r.get('train_set', {}).items())) or '-'} | {float(g):g} | {s['shape']:.2f} | {s['color']:.2f} | "
-                         f"{s['background']:.2f} | {s['direction']:.2f} | {s['direction_centroid']:.2f} | "
-                         f"{r['train_seconds']:.0f} |")
-    lines += ["", "v = v-prediction + temporal embedding on every token + 30 % of the timesteps in [800, 1000); "
-              "eps = Open-Sora v1.0's objective and placement. Chance: direction 0.25, shape 0.33, colour 0.25."]
-    (args.results / "results.md").write_text("\n".join(lines) + "\n")
+    record(args.results, res, meta)
     return 0
 
 
