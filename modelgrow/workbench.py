@@ -72,7 +72,8 @@ class DemoSize:
     ema_decay: float = 0.99
     timestep_sampling: str = "logit_normal"
     high_noise_share: float = 0.3  # of the training timesteps drawn from [800, 1000) instead (section 8)
-    snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (train.snr_gamma; 0: off)
+    snr_gamma: float = 0.0  # Min-SNR-gamma loss weighting (train.snr_gamma; 0: off) ...
+    snr_gamma_mode: str = "x0"  # ... the paper's (x0) or only the low-noise end (cap)
     warmup_steps: int = 50  # linear warm-up, then a cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.05
     # base pre-training on A (base bundle): 96000 steps, ~38 min on one thread
@@ -271,7 +272,7 @@ def train_config(ws: Workspace, out: Path, steps: int, lr: float, cache: Path, e
         "--train.log_every", str(max(1, steps // 20)), "--train.compute_dtype", s.compute_dtype, "--train.seed", str(seed),
         "--train.ema_decay", str(s.ema_decay), "--train.timestep_sampling", s.timestep_sampling,
         "--train.high_noise_share", str(s.high_noise_share),
-        "--train.snr_gamma", str(s.snr_gamma),
+        "--train.snr_gamma", str(s.snr_gamma), "--train.snr_gamma_mode", s.snr_gamma_mode,
         "--optim.lr", str(lr), "--optim.warmup_steps", str(s.warmup_steps),
         "--optim.decay_steps", str(max(steps - s.warmup_steps, 0)), "--optim.min_lr_ratio", str(s.min_lr_ratio),
         "--checkpoint.every_steps", str(min(steps, val_every) if val else steps), "--grow.llm_channels", "32",

@@ -84,7 +84,8 @@ def test_shipped_base_bundle_fits_and_matches_the_demo():
     # (vae_min_foreground_psnr only refuses a failed VAE fit; the shipped VAE reads 24 dB, so it changes nothing made)
     now = json.loads(json.dumps(asdict(DemoSize())))
     made = {k: v for k, v in info["size"].items() if not k.startswith("continual_")}
-    made.setdefault("snr_gamma", 0.0)  # a bundle made before the key existed was made without the weighting
+    made.setdefault("snr_gamma", 0.0)  # a bundle made before the keys existed was made without the weighting
+    made.setdefault("snr_gamma_mode", "x0")
     assert made == {k: v for k, v in now.items() if not k.startswith("continual_") and k != "vae_min_foreground_psnr"}
     files = [f for f in DEFAULT_BASE.rglob("*") if f.is_file()]
     assert sum(f.stat().st_size for f in files) <= 20 * 2**20
