@@ -22,13 +22,14 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from modelgrow.config import TrainConfig
 from modelgrow.demo import DEFAULT_BASE
 from modelgrow.models import from_pretrained
 from modelgrow.pipeline import ModelGrowPipeline
@@ -56,6 +57,7 @@ HELD = {"shape": "square", "color": "red", "background": "gray", "size": "medium
 CONFIGS = {"eps": ("epsilon", "attention", 0.0), "v": ("v_prediction", "tokens", 0.3)}
 MODELS = {"tiny": (), "wide": ("--model.depth", "4", "--model.hidden_size", "128", "--model.num_heads", "4")}
 SCORED = ("shape", "color", "direction", "background")
+TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 
 
 def specs_for(vary: set[str], n: int, seed: int, split: str, twins: bool = False) -> list:
@@ -153,6 +155,9 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     vary = set(HELD) if args.vary == "all" else {a for a in args.vary.split(",") if a and a != "direction"}
+    bad = [kv for kv in args.train_set if kv.split("=", 1)[0] not in TRAIN_KEYS or "=" not in kv]
+    if bad:
+        ap.error(f"--train-set: expected KEY=VALUE with KEY a [train] setting (e.g. snr_gamma=5), got {bad}")
     if vary - set(HELD):
         ap.error(f"--vary: unknown attribute(s) {sorted(vary - set(HELD))}; choose from {list(HELD)} or 'all'")
     torch.set_num_threads(args.threads)
