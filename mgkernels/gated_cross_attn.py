@@ -65,7 +65,7 @@ from ._tiles import (
     store_head,
     vec_for,
 )
-from .dispatch import choose, eager_ref, interpreter_enabled
+from .dispatch import choose, eager_ref, interpreter_enabled, traced_ref
 
 __all__ = ["cross_attn", "gated_cross_attn", "gated_cross_attn_ref"]
 
@@ -612,7 +612,7 @@ def gated_cross_attn(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, ma
     _check(x, q, k, v, lam, mask)
     if mask is not None:
         mask = mask.detach()
-    if eager_ref(lambda: _provider(q)):  # see mgkernels.dispatch.eager_ref
+    if traced_ref(q) or eager_ref(lambda: _provider(q)):  # see mgkernels.dispatch (traced_ref, eager_ref)
         return _ref_fwd(x, q, k, v, lam, mask, False)[0]  # differentiable: plain torch ops
     grad = torch.is_grad_enabled()
     save = grad and any(t.requires_grad for t in (q, k, v, lam))
@@ -680,7 +680,7 @@ def cross_attn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> T
     _check_qkv(q, k, v, mask, "cross_attn")
     if mask is not None:
         mask = mask.detach()
-    if eager_ref(lambda: _provider(q, "cross_attn")):  # see mgkernels.dispatch.eager_ref
+    if traced_ref(q) or eager_ref(lambda: _provider(q, "cross_attn")):  # see mgkernels.dispatch
         return _ref_attention(q, k, v, mask)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if save:

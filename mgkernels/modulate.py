@@ -20,7 +20,7 @@ import torch
 
 from . import _ext
 from ._common import check_tokens, compute_dtype, per_sample, providers_for, row_split, row_tile, tl, triton
-from .dispatch import choose
+from .dispatch import choose, traced_ref
 
 PROVIDERS = ("triton", "csrc", "ref")
 # resident programs per SM of the forward / backward kernels at C = 1152 by element size (sm_90 compile
@@ -278,4 +278,14 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     for name, t in (("x", x), ("shift", shift), ("scale", scale)):
         if not t.is_floating_point():
             raise TypeError(f"modulate: {name} must be a floating-point tensor, got {t.dtype}")
+    if traced_ref(x):  # torch.compile on a CPU: the expression, for Inductor to fuse (mgkernels.dispatch)
+        return _traced(x, shift, scale, float(eps))
     return ModulateFunction.apply(x, shift, scale, float(eps))
+
+
+def _traced(x, shift, scale, eps):
+    """:func:`modulate_ref` in x's compute dtype, returned in x's dtype (the fused op's contract)."""
+    B, N, C = check_tokens(x)
+    cd = compute_dtype(x.dtype)
+    shift, scale = per_sample(shift, B, C, "shift")[:, None].to(cd), per_sample(scale, B, C, "scale")[:, None].to(cd)
+    return (torch.nn.functional.layer_norm(x.to(cd), (C,), eps=eps) * (1 + scale) + shift).to(x.dtype)

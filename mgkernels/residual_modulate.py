@@ -19,7 +19,7 @@ import torch
 
 from . import _ext
 from ._common import check_tokens, compute_dtype, per_sample, providers_for, row_split, row_tile, tl, triton
-from .dispatch import choose
+from .dispatch import choose, traced_ref
 from .modulate import _reduce_to, ln_modulate_bwd_ref
 
 PROVIDERS = ("triton", "csrc", "ref")
@@ -338,4 +338,18 @@ class ResidualModulateFunction(torch.autograd.Function):
 def residual_modulate(x, h, gate, shift, scale, eps: float = 1e-6):
     """``x_new = x + gate * h`` (gate None: ``x + h``) and ``y = LayerNorm(x_new) * (1 + scale) + shift``,
     fused; returns ``(x_new, y)`` in x's dtype. See the module docstring for shapes."""
+    if traced_ref(x):  # torch.compile on a CPU: the expression, for Inductor to fuse (mgkernels.dispatch)
+        return _traced(x, h, gate, shift, scale, float(eps))
     return ResidualModulateFunction.apply(x, h, gate, shift, scale, float(eps))
+
+
+def _traced(x, h, gate, shift, scale, eps):
+    """:func:`residual_modulate_ref` in x's compute dtype; ``x_new`` rounded to x's dtype before the norm, as the
+    fused op does."""
+    B, N, C = check_tokens(x)
+    cd = compute_dtype(x.dtype)
+    shift, scale = per_sample(shift, B, C, "shift")[:, None].to(cd), per_sample(scale, B, C, "scale")[:, None].to(cd)
+    upd = h.to(cd) if gate is None else per_sample(gate, B, C, "gate")[:, None].to(cd) * h.to(cd)
+    x_new = (x.to(cd) + upd).to(x.dtype)
+    y = torch.nn.functional.layer_norm(x_new.to(cd), (C,), eps=eps) * (1 + scale) + shift
+    return x_new, y.to(x.dtype)

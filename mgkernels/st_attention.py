@@ -76,7 +76,7 @@ from ._tiles import (
     store_head,
     vec_for,
 )
-from .dispatch import choose, eager_ref, interpreter_enabled
+from .dispatch import choose, eager_ref, interpreter_enabled, traced_ref
 
 __all__ = ["st_attention", "st_attention_ref", "STAttentionFunction", "MODES"]
 
@@ -613,7 +613,7 @@ def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
     ``qkv: [B, T*S, 3, H, D]`` (any strides) -> ``o: [B, T*S, H*D]`` in token order; differentiable.
     """
     _check(qkv, T, S, mode)
-    if eager_ref(lambda: _provider(qkv)):
+    if traced_ref(qkv) or eager_ref(lambda: _provider(qkv)):  # compile on a CPU: trace it (mgkernels.dispatch)
         # the reference provider in eager mode: SDPA under autograd (ATen's fused CPU attention and its
         # backward) beats the custom op's reference pair, which recomputes the scores for the LSE and again
         # in the hand-written backward (1.3-1.7x on the demo's CPU training step, docs/demo_recipe.md section 11)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mgkernels import _ext
-from mgkernels.dispatch import use
+from mgkernels.dispatch import custom_ops_under_compile, use
 from modelgrow.models import STDiTBlock, create_model
 
 from .helpers import randomize_
@@ -42,7 +42,7 @@ def test_block_fused_equals_reference(provider):
     ref = _run(block, f, "ref", [x, y, t, tpe], dout)
     fused = _run(block, f, provider, [x, y, t, tpe], dout)
     torch.testing.assert_close(fused[0], ref[0], rtol=1e-4, atol=1e-5)
-    for a, b in zip(fused[1], ref[1]):
+    for a, b in zip(fused[1], ref[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     for name in ref[2]:
         torch.testing.assert_close(fused[2][name], ref[2][name], rtol=1e-4, atol=1e-4, msg=name)
@@ -80,8 +80,9 @@ def test_compiled_and_checkpointed_model_match_eager():
     x, y = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 1, 8, 32, generator=g)
     ts, mask = torch.tensor([3.0, 500.0]), torch.tensor([[1] * 8, [1] * 2 + [0] * 6])
     eager = m(x, ts, y, mask)
-    compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x, ts, y, mask), eager, rtol=1e-5, atol=1e-5)
+    with custom_ops_under_compile():  # on a CPU, compile traces the references unless told otherwise
+        compiled = torch.compile(m, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, ts, y, mask), eager, rtol=1e-5, atol=1e-5)
 
     blk = m.blocks[0]
     h = torch.randn(2, 64, 64, generator=g, requires_grad=True)
@@ -93,3 +94,50 @@ def test_compiled_and_checkpointed_model_match_eager():
     (gc,) = torch.autograd.grad(ck.square().sum(), h)
     torch.testing.assert_close(ck, plain)
     torch.testing.assert_close(gc, gp)
+
+
+def test_compile_on_cpu_traces_the_references():
+    """Under torch.compile, a CPU model's fused ops are traced as their PyTorch expressions (no opaque custom op
+    left to cut Inductor's graph), with the eager model's outputs and gradients; ``custom_ops_under_compile``
+    keeps the custom ops in the graph."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: list[str] = []
+
+    def capture(gm, _inputs):
+        graphs.append(str(gm.graph))
+        return gm
+
+    backend = aot_autograd(fw_compiler=capture, bw_compiler=capture)
+    from modelgrow.grow import add_llm_condition
+
+    # the grown model's LLM branch too (its gated residual); eval: no random caption dropout between the runs
+    m = randomize_(add_llm_condition(create_model("STDiT-tiny"), 32, 6)).eval()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(2, 4, 4, 8, 8, generator=g), torch.randn(2, 1, 8, 32, generator=g)
+    ts, mask = torch.tensor([3.0, 500.0]), torch.tensor([[1] * 8, [1] * 2 + [0] * 6])
+    y_llm, llm_mask = torch.randn(2, 1, 6, 32, generator=g), torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    dout = torch.randn(2, 8, 4, 8, 8, generator=g)
+
+    def run(model):
+        m.zero_grad(set_to_none=True)
+        out = model(x, ts, y, mask, y_llm=y_llm, llm_mask=llm_mask)
+        out.backward(dout)
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    eager, eager_grads = run(m)  # the custom ops (the C++ kernels where built, else the reference pair)
+    torch._dynamo.reset()
+    out, grads = run(torch.compile(m, backend=backend, fullgraph=True))
+    assert len(graphs) == 2, "one forward and one backward graph"
+    assert not any("mgkernels" in gr for gr in graphs), "a custom op is left in the compiled CPU graph"
+    assert any("native_layer_norm" in gr for gr in graphs) and any("attention" in gr for gr in graphs)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for name, gr in eager_grads.items():
+        torch.testing.assert_close(grads[name], gr, rtol=1e-4, atol=1e-4, msg=lambda e, n=name: f"{n}: {e}")
+
+    graphs.clear()
+    torch._dynamo.reset()
+    with custom_ops_under_compile():
+        run(torch.compile(m, backend=backend, fullgraph=True))
+    assert any("mgkernels.modulate_fwd" in gr for gr in graphs) and any("mgkernels.st_attention_bwd" in gr for gr in graphs)
+    torch._dynamo.reset()

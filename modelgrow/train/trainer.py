@@ -240,8 +240,11 @@ class Validator:
         was_training = tr.model.training
         tr.model.eval()
         devices = [tr.device.index or 0] if tr.device.type == "cuda" else []
+        # a compiled model (parallel.compile) validates eager: eval mode, no grad and the sampling batches would
+        # each cost a recompile of every block for a few calls
+        stance = torch.compiler.set_stance("force_eager") if tr.applied.get("compile") else nullcontext()
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), stance:
                 for which in self.weights:
                     with self._weights(which):
                         rec[f"loss_{which}"] = self.loss()
