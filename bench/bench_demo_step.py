@@ -1,15 +1,19 @@
 """Training-step time of the demo's tiny STDiT on a CPU: DiT patch on the latents (``DemoSize``'s 8x8x4 since
 session 9; ``--patch`` also times others), base vs grown (insert k = 1 + LLM condition), torch threads and fp32 vs
-bf16 autocast, and the attention ops' reference route on a CPU (``--route``: SDPA under autograd, or the custom-op
-pair). One step = IDDPM loss (learned sigma, the demo's prediction type) forward, backward and AdamW, batch
-``--batch`` with the trainer's AdamW (foreach), on random latents and text states of the demo's shapes (``DemoSize``).
+bf16 autocast, the attention ops' reference route on a CPU (``--route``: SDPA under autograd, or the custom-op
+pair) and per-block ``torch.compile`` (``--compile blocks``: the trainer's ``parallel.compile = true``; on a CPU
+the fused ops are then traced as their PyTorch expressions, ``mgkernels.dispatch.traced_ref``). One step = IDDPM
+loss (learned sigma, the demo's prediction type) forward, backward and AdamW, batch ``--batch`` with the
+trainer's AdamW, on random latents and text states of the demo's shapes (``DemoSize``).
 
-    python bench/bench_demo_step.py                       # the grid (about a minute on a quiet 2-core machine)
-    python bench/bench_demo_step.py --threads 2 --dtype float32 --grown 1 --batch 8
+    python bench/bench_demo_step.py                       # the grid (a few minutes on a quiet 2-core machine)
+    python bench/bench_demo_step.py --threads 2 --grown 1 --compile none,blocks --rounds 9
 
-Rows go to ``bench/results/<device>/bench_demo_step.json`` (device, versions, git sha); the file is replaced by
-each run (the 16x16 rows of docs/demo_recipe.md section 2 are in its git history). Run it on a quiet machine:
-the two cores of the dev machine are easily shared.
+Every configuration is built (and compiled) first, then timed ``--rounds`` times in turn, ``--steps`` steps
+each, so a shared host's slow phases fall on all of them alike; a row reports the median and the minimum over
+the rounds of each round's median step. Rows go to ``bench/results/<device>/bench_demo_step.json`` (device,
+versions, git sha); the file is replaced by each run (earlier grids are in its git history). Run it on a quiet
+machine: the two cores of the dev machine are easily shared.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -70,35 +75,56 @@ def make_step(patch: int, grown: bool, dtype: str, batch: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, sum(p.numel() for p in model.parameters())
+    return step, model, sum(p.numel() for p in model.parameters())
 
 
 def main(argv=None) -> int:
+    import statistics
+
+    from modelgrow.train.parallelize import apply_compile
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patch", default="2")
     ap.add_argument("--grown", default="0,1")
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--dtype", default="float32,bfloat16")
-    ap.add_argument("--route", default="eager,custom-op", help="attention reference route(s), see set_route")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--route", default="eager", help="attention reference route(s), see set_route")
+    ap.add_argument("--compile", default="none,blocks", help="none | blocks (per-block torch.compile)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    rows = []
-    for route, patch, grown, threads, dtype in itertools.product(
+    configs = []
+    for route, patch, grown, threads, dtype, comp in itertools.product(
             args.route.split(","), [int(v) for v in args.patch.split(",")], [v == "1" for v in args.grown.split(",")],
-            [int(v) for v in args.threads.split(",")], args.dtype.split(",")):
+            [int(v) for v in args.threads.split(",")], args.dtype.split(","), args.compile.split(",")):
+        if comp not in ("none", "blocks"):
+            ap.error(f"--compile: {comp!r} is not none or blocks")
         torch.set_num_threads(threads)
         set_route(route)
-        step, params = make_step(patch, grown, dtype, args.batch)
-        for _ in range(2):  # warm-up
-            step()
-        t = time_steps(step, torch.device("cpu"), args.steps)
-        rows.append({"route": route, "patch": patch, "grown": grown, "threads": threads, "dtype": dtype, "batch": args.batch,
-                     "params": params, "ms_per_step": round(t["ms_mean"], 1), "ms_p50": round(t["ms_p50"], 1),
-                     "samples_per_s": round(1000 * args.batch / t["ms_mean"], 1)})
-        print_table(rows[-1:], list(rows[-1]))
-        path = write_results("bench_demo_step", rows, torch.device("cpu"), args.out)
+        step, model, params = make_step(patch, grown, dtype, args.batch)
+        if comp == "blocks":
+            apply_compile(model)
+        t0 = time.perf_counter()
+        step()  # compiles where asked
+        first_s = time.perf_counter() - t0
+        step()
+        configs.append(({"route": route, "patch": patch, "grown": grown, "threads": threads, "dtype": dtype,
+                         "compile": comp, "batch": args.batch, "params": params, "first_step_s": round(first_s, 1)},
+                        step, []))
+    for _ in range(args.rounds):
+        for row, step, p50s in configs:
+            torch.set_num_threads(row["threads"])
+            set_route(row["route"])
+            p50s.append(time_steps(step, torch.device("cpu"), args.steps)["ms_p50"])
+    rows = []
+    for row, _, p50s in configs:
+        med = statistics.median(p50s)
+        rows.append(row | {"ms_per_step": round(med, 1), "ms_min": round(min(p50s), 1), "rounds": len(p50s),
+                           "steps_per_round": args.steps, "samples_per_s": round(1000 * args.batch / med, 1)})
+    print_table(rows, list(rows[0]))
+    path = write_results("bench_demo_step", rows, torch.device("cpu"), args.out)
     print(f"-> {path}")
     return 0
 
