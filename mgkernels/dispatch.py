@@ -14,8 +14,8 @@ backward) is then reached through ``torch.ops.mgkernels.*`` and under ``torch.co
 Under ``torch.compile``, every op on a **CPU** tensor traces its PyTorch reference expression instead of the
 custom op (:func:`traced_ref`), so Inductor fuses it with its neighbours: an opaque op (our C++ kernel or the
 reference pair) cuts the graph into small kernels, and the demo's compiled CPU training step was slower than
-eager with the custom ops and ~25 % faster than eager with the traced references (docs/demo_recipe.md section
-15). CUDA tensors keep the custom op (the Triton kernels, chosen at run time). Tests that check the custom
+eager with the custom ops and is 13 % faster than eager at the median with the traced references
+(docs/demo_recipe.md section 15). CUDA tensors keep the custom op (the Triton kernels, chosen at run time). Tests that check the custom
 ops compose with ``torch.compile`` on a CPU turn this off with :func:`custom_ops_under_compile`.
 
 ``auto``: CUDA tensors -> ``triton``; CPU tensors -> ``csrc`` when the op has a C++ implementation and the

@@ -70,7 +70,8 @@ class DemoSize:
     batch: int = 8
     compute_dtype: str = "float32"  # bf16 autocast paid off for the 128-wide model only (section 2)
     compile: bool = True  # per-block torch.compile of the training step (parallel.compile): the grown model's CPU step
-    # 16 % faster for ~40 s of compiling (bench_demo_step, docs/demo_recipe.md section 15); same losses to round-off
+    # 13 % faster at the median for ~40 s of compiling (bench_demo_step, docs/demo_recipe.md section 15); the eager
+    # losses to round-off
     ema_decay: float = 0.99
     timestep_sampling: str = "logit_normal"
     high_noise_share: float = 0.3  # of the training timesteps drawn from [800, 1000) instead (section 8)
