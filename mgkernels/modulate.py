@@ -285,7 +285,5 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
 
 def _traced(x, shift, scale, eps):
     """:func:`modulate_ref` in x's compute dtype, returned in x's dtype (the fused op's contract)."""
-    B, N, C = check_tokens(x)
     cd = compute_dtype(x.dtype)
-    shift, scale = per_sample(shift, B, C, "shift")[:, None].to(cd), per_sample(scale, B, C, "scale")[:, None].to(cd)
-    return (torch.nn.functional.layer_norm(x.to(cd), (C,), eps=eps) * (1 + scale) + shift).to(x.dtype)
+    return modulate_ref(x.to(cd), shift.to(cd), scale.to(cd), eps).to(x.dtype)

@@ -21,6 +21,7 @@ from . import _ext
 from ._common import check_tokens, compute_dtype, per_sample, providers_for, row_split, row_tile, tl, triton
 from .dispatch import choose, traced_ref
 from .modulate import _reduce_to, ln_modulate_bwd_ref
+from .modulate import _traced as _modulate_traced
 
 PROVIDERS = ("triton", "csrc", "ref")
 # resident programs per SM of the forward / backward kernels at C = 1152 by element size (sm_90 compile
@@ -344,12 +345,10 @@ def residual_modulate(x, h, gate, shift, scale, eps: float = 1e-6):
 
 
 def _traced(x, h, gate, shift, scale, eps):
-    """:func:`residual_modulate_ref` in x's compute dtype; ``x_new`` rounded to x's dtype before the norm, as the
-    fused op does."""
+    """:func:`residual_modulate_ref` in x's compute dtype, with ``x_new`` rounded to x's dtype before the norm, as
+    the fused op does."""
     B, N, C = check_tokens(x)
     cd = compute_dtype(x.dtype)
-    shift, scale = per_sample(shift, B, C, "shift")[:, None].to(cd), per_sample(scale, B, C, "scale")[:, None].to(cd)
     upd = h.to(cd) if gate is None else per_sample(gate, B, C, "gate")[:, None].to(cd) * h.to(cd)
     x_new = (x.to(cd) + upd).to(x.dtype)
-    y = torch.nn.functional.layer_norm(x_new.to(cd), (C,), eps=eps) * (1 + scale) + shift
-    return x_new, y.to(x.dtype)
+    return x_new, _modulate_traced(x_new, shift, scale, eps)
