@@ -13,6 +13,8 @@
 // runs on any x86-64 machine.
 #include "modulate.h"
 
+#include "cpu_isa.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
@@ -32,14 +34,6 @@ namespace {
 
 using bf16_t = uint16_t;  // bfloat16 storage: the high half of an IEEE float
 
-#define MG_INLINE inline __attribute__((always_inline))
-#if defined(__x86_64__) || defined(__i386__)
-#define MG_HAVE_AVX2_VARIANT 1
-#define MG_TARGET_AVX2 __attribute__((target("avx2,fma")))
-#else
-#define MG_HAVE_AVX2_VARIANT 0
-#define MG_TARGET_AVX2
-#endif
 
 constexpr int64_t kRowsPerChunk = 32;       // rows per fp32 accumulation chunk (flushed to fp64 afterwards)
 constexpr int64_t kSerialElements = 1 << 15;  // below this many elements run on one thread
@@ -263,20 +257,6 @@ MG_TARGET_AVX2 void bwd_chunk_avx2(const BwdArgs<T>& a, int64_t r0, int64_t r1, 
 }
 #endif
 
-// ---- ISA selection ---------------------------------------------------------------------------------------
-bool use_avx2() {
-  static const bool v = [] {
-#if MG_HAVE_AVX2_VARIANT
-    const char* env = std::getenv("MG_CPU_ISA");
-    if (env != nullptr && std::string(env) == "baseline") return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    return false;
-#endif
-  }();
-  return v;
-}
 
 template <typename T, bool RES, bool GATED>
 auto pick_fwd() {
