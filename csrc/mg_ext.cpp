@@ -3,6 +3,7 @@
 // the build facts that `modelgrow env` and the kernel dispatcher read.
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "modulate.h"
 
 #ifdef _OPENMP
@@ -68,6 +69,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("residual_modulate_bwd", &mg::residual_modulate_bwd, py::arg("dy"), py::arg("dxnew"), py::arg("h"),
         py::arg("gate"), py::arg("x_new"), py::arg("scale"), py::arg("mean"), py::arg("rstd"),
         "Backward of residual_modulate_fwd -> (dx, dh, dgate, dshift, dscale); dgate is empty when gate is None");
+  // Short-sequence softmax attention, fp32 CPU (csrc/attention.cpp): STDiT's spatial / temporal / cross-attention.
+  m.def("attention_fwd", &mg::attention_fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("o"),
+        py::arg("lse"), "o = softmax(q k^T / sqrt(D) [+ key mask]) v into o, log-sum-exp into lse (5-D views)");
+  m.def("attention_bwd", &mg::attention_bwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("o"),
+        py::arg("lse"), py::arg("dout"), py::arg("dq"), py::arg("dk"), py::arg("dv"),
+        "Backward of attention_fwd: writes dq, dk, dv (views shaped like q, k, v)");
   m.def("modulate_cpu_isa", &mg::modulate_cpu_isa,
         "CPU code path of the modulate kernels chosen at run time: 'avx2' or 'baseline' (MG_CPU_ISA=baseline)");
 }

@@ -11,12 +11,15 @@ the custom op: when the answer is ``ref`` and no ``torch.compile`` trace is runn
 run the PyTorch reference under plain autograd; the custom op's reference pair (forward + hand-written
 backward) is then reached through ``torch.ops.mgkernels.*`` and under ``torch.compile`` on CUDA.
 
-Under ``torch.compile``, every op on a **CPU** tensor traces its PyTorch reference expression instead of the
-custom op (:func:`traced_ref`), so Inductor fuses it with its neighbours: an opaque op (our C++ kernel or the
-reference pair) cuts the graph into small kernels, and the demo's compiled CPU training step was slower than
-eager with the custom ops and is 13 % faster than eager at the median with the traced references
-(docs/demo_recipe.md section 15). CUDA tensors keep the custom op (the Triton kernels, chosen at run time). Tests that check the custom
-ops compose with ``torch.compile`` on a CPU turn this off with :func:`custom_ops_under_compile`.
+Under ``torch.compile``, the modulation ops on a **CPU** tensor trace their PyTorch reference expressions
+instead of the custom op (:func:`traced_ref`), so Inductor fuses them with their neighbours: an opaque op (our
+C++ kernel or the reference pair) cuts the graph into small kernels, and the demo's compiled CPU training step
+was slower than eager with the custom ops and is 13 % faster than eager at the median with the traced
+references (docs/demo_recipe.md section 15). The attention ops (``st_attention``, ``cross_attn``) keep their
+custom op on an fp32 CPU tensor when the C++ attention kernel is built (it is one op either way, and faster
+than the SDPA it would be traced as: section 17), else they are traced too. CUDA tensors keep the custom op
+(the Triton kernels, chosen at run time). Tests that check the custom ops compose with ``torch.compile`` on a
+CPU turn the tracing off with :func:`custom_ops_under_compile`.
 
 ``auto``: CUDA tensors -> ``triton``; CPU tensors -> ``csrc`` when the op has a C++ implementation and the
 extension is built, else ``ref``. A preferred provider that cannot run (Triton not importable, extension not
@@ -25,7 +28,8 @@ built) falls back to ``ref`` with a one-time warning.
 An explicit provider must run where the op implements it: ``triton`` on a CPU tensor needs the Triton
 interpreter (``TRITON_INTERPRET=1``, how the tests run kernels on CPU); ``csrc`` needs the built extension
 (and its CUDA build for CUDA tensors). Otherwise :class:`KernelUnavailable` is raised. An op that does not
-implement the forced provider at all (e.g. ``csrc`` for the attention ops) uses ``ref``.
+implement the forced provider at all (e.g. ``csrc`` for ``gated_cross_attn``, or for the attention ops on a
+CUDA or non-fp32 tensor) uses ``ref``.
 """
 
 from __future__ import annotations

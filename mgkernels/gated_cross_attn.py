@@ -37,7 +37,8 @@ fp16 / bf16 kernel is spill-free, on HGMMA, with 128-bit loads of q/k/v/o; the f
 Layout of this file (one op per file): reference -> Triton kernels -> launchers -> ``torch.library`` custom
 ops (``mgkernels::gated_cross_attn_fwd`` / ``_bwd`` and ``mgkernels::cross_attn_fwd`` / ``_bwd``, provider
 chosen at run time by :func:`mgkernels.dispatch.choose`) -> ``torch.autograd.Function`` ->
-:func:`gated_cross_attn` / :func:`cross_attn`.
+:func:`gated_cross_attn` / :func:`cross_attn`. On an fp32 CPU tensor ``cross_attn`` has a ``csrc`` provider
+too: the C++ short-sequence attention of :mod:`mgkernels._cpu_attention` (``gated_cross_attn`` has none).
 """
 
 import math
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _cpu_attention
 from ._common import compute_dtype, providers_for, tl, triton
 from ._tiles import (
     MAXNREG,
@@ -505,8 +507,36 @@ def _ref_bwd(dout, q, k, v, lam, mask, o):
 # ----------------------------------------------------------------------------------------------------------
 
 def _provider(q: Tensor, op: str = _OP) -> str:
-    """Triton for fp32 / fp16 / bf16 and head dims up to _MAX_D (where asked / on CUDA), else the reference."""
-    return choose(op, q, providers_for(q, ("triton", "ref") if q.shape[-1] <= _MAX_D else ("ref",)))
+    """Triton for fp32 / fp16 / bf16 and head dims up to _MAX_D (where asked / on CUDA); for the plain
+    cross-attention on an fp32 CPU tensor the C++ kernel when it is built; else the reference."""
+    implemented = ("triton", "ref") if q.shape[-1] <= _MAX_D else ("ref",)
+    if op == "cross_attn" and _cpu_attention.usable(q):
+        implemented = ("csrc", *implemented)
+    return choose(op, q, providers_for(q, implemented), csrc_fn="attention_fwd")
+
+
+def _csrc_views(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``[B, N|L, H, D]`` tensors as the C++ kernel's ``[B, 1, N|L, H, D]`` views (one group per sample)."""
+    return tuple(_cpu_attention.unit_last(t).unsqueeze(1) for t in (q, k, v))
+
+
+def _csrc_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, save: bool) -> tuple[Tensor, Tensor]:
+    B, N, H, D = q.shape
+    o = q.new_empty(B, N, H, D)
+    lse = q.new_empty(B, H, N, dtype=torch.float32)
+    _cpu_attention.forward(*_csrc_views(q, k, v), _cpu_attention.key_mask(mask), o.unsqueeze(1),
+                           lse.transpose(1, 2).unsqueeze(1))
+    return o, lse if save else q.new_empty(0, dtype=torch.float32)
+
+
+def _csrc_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, o: Tensor,
+              lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    _cpu_attention.backward(*_csrc_views(q, k, v), _cpu_attention.key_mask(mask),
+                            _cpu_attention.unit_last(o).unsqueeze(1), lse.transpose(1, 2).unsqueeze(1),
+                            _cpu_attention.unit_last(do).unsqueeze(1), dq.unsqueeze(1), dk.unsqueeze(1),
+                            dv.unsqueeze(1))
+    return dq, dk, dv
 
 
 @torch.library.custom_op("mgkernels::gated_cross_attn_fwd", mutates_args=())
@@ -631,9 +661,12 @@ def gated_cross_attn(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, ma
 @torch.library.custom_op("mgkernels::cross_attn_fwd", mutates_args=())
 def cross_attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, save: bool) -> tuple[Tensor, Tensor]:
     """(o ``[B, N, H, D]`` in q's dtype, lse ``[B, H, N]`` fp32 when ``save`` else empty)."""
-    if _provider(q, "cross_attn") == "triton":
+    provider = _provider(q, "cross_attn")
+    if provider == "triton":
         o, _, lse = _triton_fwd(None, q, k, v, None, mask, save)
         return o, lse
+    if provider == "csrc":
+        return _csrc_fwd(q, k, v, mask, save)
     lse = _ref_lse(q, k, mask) if save else q.new_empty(0, dtype=torch.float32)
     return _ref_attention(q, k, v, mask).contiguous(), lse
 
@@ -648,8 +681,11 @@ def _(q, k, v, mask, save):
 def cross_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, o: Tensor,
                    lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) from dO and the forward's o, lse."""
-    if _provider(q, "cross_attn") == "triton":
+    provider = _provider(q, "cross_attn")
+    if provider == "triton":
         return _triton_bwd(do, q, k, v, None, mask, o, lse)[:3]
+    if provider == "csrc":
+        return _csrc_bwd(do, q, k, v, mask, o, lse)
     return _ref_bwd(do, q, k, v, None, mask, o)[:3]
 
 
@@ -680,7 +716,8 @@ def cross_attn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> T
     _check_qkv(q, k, v, mask, "cross_attn")
     if mask is not None:
         mask = mask.detach()
-    if traced_ref(q) or eager_ref(lambda: _provider(q, "cross_attn")):  # see mgkernels.dispatch
+    # see mgkernels.dispatch; under compile on a CPU the C++ kernel, when it takes q, stays a custom op
+    if (traced_ref(q) and not _cpu_attention.usable(q)) or eager_ref(lambda: _provider(q, "cross_attn")):
         return _ref_attention(q, k, v, mask)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if save:

@@ -46,8 +46,9 @@ that keeps dK, dV and a dQ tile in registers needs more than the 168 registers o
 Triton (measured with the compile report), and an fp32 dQ accumulator costs a memset, the atomics and a
 conversion pass over 2x the dQ bytes.
 
-Dispatch (:mod:`mgkernels.dispatch`): ``triton`` or ``ref`` is chosen at run time inside the custom ops
-``mgkernels::st_attention_fwd`` and ``mgkernels::st_attention_bwd``.
+Dispatch (:mod:`mgkernels.dispatch`): ``triton``, ``csrc`` (fp32 CPU tensors: the C++ short-sequence
+attention of :mod:`mgkernels._cpu_attention`, reading the same qkv views) or ``ref`` is chosen at run time
+inside the custom ops ``mgkernels::st_attention_fwd`` and ``mgkernels::st_attention_bwd``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _cpu_attention
 from ._common import pow2, providers_for, tl, triton
 from ._tiles import (
     MAXNREG,
@@ -550,15 +552,52 @@ def _st_attention_bwd_triton(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tenso
 
 
 def _provider(qkv: torch.Tensor) -> str:
-    return choose("st_attention", qkv, providers_for(qkv, ("triton", "ref")))
+    """Triton on CUDA (or where asked), the C++ kernel on an fp32 CPU tensor when it is built, else the reference."""
+    implemented = ("triton", "csrc", "ref") if _cpu_attention.usable(qkv) else ("triton", "ref")
+    return choose("st_attention", qkv, providers_for(qkv, implemented), csrc_fn="attention_fwd")
+
+
+def _grouped(t: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
+    """A by-token ``[B, T*S, H, X]`` view as the C++ kernel's ``[B, G, L, H, X]`` (a view, no copy)."""
+    x = t.unflatten(1, (T, S))  # [B, T, S, H, X]: spatial groups are frames
+    return x if mode == "spatial" else x.transpose(1, 2)  # temporal: [B, S, T, H, X]
+
+
+def _csrc_views(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, ...]:
+    qkv = _cpu_attention.unit_last(qkv)
+    return tuple(_grouped(qkv[:, :, i], T, S, mode) for i in range(3))
+
+
+def _st_attention_fwd_csrc(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    B, N, _, H, D = qkv.shape
+    o = qkv.new_empty(B, N, H, D)
+    lse = qkv.new_empty(B, H, N, dtype=torch.float32)
+    _cpu_attention.forward(*_csrc_views(qkv, T, S, mode), None, _grouped(o, T, S, mode),
+                           _grouped(lse.transpose(1, 2), T, S, mode))
+    return o.view(B, N, H * D), lse
+
+
+def _st_attention_bwd_csrc(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, T: int,
+                           S: int, mode: str) -> torch.Tensor:  # fmt: skip
+    B, N, _, H, D = qkv.shape
+    dqkv = qkv.new_empty(B, N, 3, H, D)
+    grads = [_grouped(dqkv[:, :, i], T, S, mode) for i in range(3)]
+    do4 = _cpu_attention.unit_last(do.reshape(B, N, H, D))
+    o4 = _cpu_attention.unit_last(o.reshape(B, N, H, D))
+    _cpu_attention.backward(*_csrc_views(qkv, T, S, mode), None, _grouped(o4, T, S, mode),
+                            _grouped(lse.transpose(1, 2), T, S, mode), _grouped(do4, T, S, mode), *grads)
+    return dqkv
 
 
 @torch.library.custom_op("mgkernels::st_attention_fwd", mutates_args=())
 def st_attention_fwd(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T*S, H*D] in qkv's dtype, lse [B, H, T*S] fp32 natural-log log-sum-exp by token)."""
     _check(qkv, T, S, mode)
-    if _provider(qkv) == "triton":
+    provider = _provider(qkv)
+    if provider == "triton":
         return _st_attention_fwd_triton(qkv, T, S, mode)
+    if provider == "csrc":
+        return _st_attention_fwd_csrc(qkv, T, S, mode)
     return st_attention_ref(qkv, T, S, mode).contiguous(), _ref_lse(qkv, T, S, mode)
 
 
@@ -574,8 +613,11 @@ def st_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: 
                      mode: str) -> torch.Tensor:  # fmt: skip
     """dqkv [B, T*S, 3, H, D] (contiguous, qkv's dtype) from dO [B, T*S, H*D] and the forward's o, lse."""
     _check(qkv, T, S, mode)
-    if _provider(qkv) == "triton":
+    provider = _provider(qkv)
+    if provider == "triton":
         return _st_attention_bwd_triton(do, qkv, o, lse, T, S, mode)
+    if provider == "csrc":
+        return _st_attention_bwd_csrc(do, qkv, o, lse, T, S, mode)
     return _ref_bwd(do, qkv, T, S, mode)
 
 
@@ -613,7 +655,9 @@ def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
     ``qkv: [B, T*S, 3, H, D]`` (any strides) -> ``o: [B, T*S, H*D]`` in token order; differentiable.
     """
     _check(qkv, T, S, mode)
-    if traced_ref(qkv) or eager_ref(lambda: _provider(qkv)):  # compile on a CPU: trace it (mgkernels.dispatch)
+    # compile on a CPU: trace the reference (mgkernels.dispatch) unless the C++ kernel takes it; the custom op
+    # then stays in the graph and picks its provider at run time
+    if (traced_ref(qkv) and not _cpu_attention.usable(qkv)) or eager_ref(lambda: _provider(qkv)):
         # the reference provider in eager mode: SDPA under autograd (ATen's fused CPU attention and its
         # backward) beats the custom op's reference pair, which recomputes the scores for the LSE and again
         # in the hand-written backward (1.3-1.7x on the demo's CPU training step, docs/demo_recipe.md section 11)
