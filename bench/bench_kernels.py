@@ -3,10 +3,13 @@
     python bench/bench_kernels.py                       # every op, shapes of STDiT-XL/2 16x256x256, B = 8
     python bench/bench_kernels.py --ops modulate --size 16x512x512 --batch 2
     python bench/bench_kernels.py --quick               # small shapes (CPU: csrc vs eager)
+    python bench/bench_kernels.py --ops spatial_attention,temporal_attention,cross_attn --size 4x64x64 \
+        --hidden 64 --heads 4 --caption-tokens 48 --out bench/results/amd-epyc-2-cores/demo-attention
+                                                        # the demo's attention shapes (CPU: C++ vs SDPA)
 
 Providers: ``eager`` (the op's PyTorch reference), ``compile`` (torch.compile of the reference), ``triton``
 (CUDA), ``csrc`` (the C++ extension: CPU, or its CUDA build), and for attention ``sdpa`` is the reference
-(permutes + SDPA) and ``flash-attn`` when installed. Modes: fwd, bwd, full (fwd+bwd).
+(permutes + SDPA) and ``flash-attn`` when installed; ``cross_attn`` is the plain cross-attention STDiT calls. Modes: fwd, bwd, full (fwd+bwd).
 Columns: median ms (p20/p80), GB/s and % of the copy bandwidth measured in the same run (memory-bound ops),
 TFLOP/s (attention), speed-up vs eager and vs compile. Results: bench/results/<device>/bench_kernels.json.
 """
@@ -26,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from utils import bench, default_threads, pick_device, print_table, write_results  # noqa: E402
 
 import mgkernels  # noqa: E402
+from mgkernels import _cpu_attention  # noqa: E402
 from mgkernels.dispatch import use  # noqa: E402
 
 
@@ -79,6 +83,16 @@ def _cases(ops: list[str], B: int, T: int, S: int, C: int, H: int, L: int, dtype
                         lambda qkv, m=mode, mod=mod: mod.st_attention_ref(qkv, T, S, m),
                         lambda qkv, m=mode, mod=mod: mod.st_attention(qkv, T, S, m),
                         bytes_fwd=4 * act, bytes_bwd=8 * act, flops_fwd=flops))
+    if "cross_attn" in ops:  # the plain cross-attention: what STDiT's T5 and LLM cross-attention call
+        mod = importlib.import_module("mgkernels.gated_cross_attn")
+
+        def make_ca():
+            mask = torch.ones(B, L, dtype=torch.bool, device=device)
+            mask[B // 2:, L // 3:] = False
+            return leaf(B, N, H, D), leaf(B, L, H, D), leaf(B, L, H, D), mask
+
+        out.append(Case("cross_attn", f"B={B} N={N} L={L} H={H} D={D}", make_ca, mod._ref_attention, mod.cross_attn,
+                        bytes_fwd=3 * act, bytes_bwd=6 * act, flops_fwd=4.0 * B * H * N * L * D))
     if "gated_cross_attn" in ops:
         try:
             mod = importlib.import_module("mgkernels.gated_cross_attn")
@@ -149,6 +163,8 @@ def providers_for(device: torch.device, op: str, with_compile: bool) -> list[str
         device.type == "cpu" or mgkernels.build_info().get("cuda")
     ):
         out.append("csrc")
+    if op in ("spatial_attention", "temporal_attention", "cross_attn") and device.type == "cpu" and _cpu_attention.AVAILABLE:
+        out.append("csrc")  # the C++ short-sequence attention (fp32 CPU)
     return out
 
 

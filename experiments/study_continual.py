@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from modelgrow import workbench as wb
-from modelgrow.demo import Demo
+from modelgrow.demo import Demo, with_overrides
 from modelgrow.models import from_pretrained
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -157,11 +157,14 @@ def main(argv=None) -> int:
     ap.add_argument("--continual-steps", type=int, default=None, help="override the continual step budget (every arm)")
     ap.add_argument("--prompts", type=int, default=None, help="held-out prompts sampled per domain")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a DemoSize field for every arm (repeatable; as modelgrow demo --set), e.g. "
+                         "--set high_noise_share=0.5")
     ap.add_argument("--report-only", action="store_true", help="tabulate finished arms under --work; train nothing")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the JSON + markdown go (<results>/cpu|quick)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    size = wb.QUICK if args.quick else wb.DemoSize()
+    size = with_overrides(wb.QUICK if args.quick else wb.DemoSize(), args.set)
     over = {"continual_steps": args.continual_steps, "sample_prompts": args.prompts}
     size = replace(size, **{k: v for k, v in over.items() if v is not None})
     work = args.work or Path("runs/study-quick" if args.quick else "runs/study")
