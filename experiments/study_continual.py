@@ -169,6 +169,11 @@ def main(argv=None) -> int:
     size = replace(size, **{k: v for k, v in over.items() if v is not None})
     work = args.work or Path("runs/study-quick" if args.quick else "runs/study")
     base_dir = args.base_dir or (work / "base-bundle" if args.quick else wb.DEFAULT_BASE)
+    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
+    if unknown:  # before anything is written under --work
+        raise SystemExit(f"unknown arm(s) {unknown}; arms: {', '.join(ARMS)}")
+    plan = [(a, s) for a in args.arms.split(",")
+            for s in (args.seeds if a in MAIN_ARMS else args.other_seeds).split(",") if s != ""]
     saved = work / "study_size.json"
     if saved.exists() and json.loads(saved.read_text()) != json.loads(json.dumps(asdict(size))):
         raise SystemExit(f"{work} was made with other sizes ({saved}); use the same flags or another --work")
@@ -177,11 +182,6 @@ def main(argv=None) -> int:
     if args.quick and not (base_dir / "base.json").exists():
         Demo(work / "base-build", size, base_dir, build_base=True).run()
     ws = wb.Workspace(work, size, base_dir=base_dir)
-    unknown = sorted(set(args.arms.split(",")) - set(ARMS))
-    plan = [(a, s) for a in args.arms.split(",")
-            for s in (args.seeds if a in MAIN_ARMS else args.other_seeds).split(",") if s != ""]
-    if unknown:
-        raise SystemExit(f"unknown arm(s) {unknown}; arms: {', '.join(ARMS)}")
     if args.report_only:
         rows = [json.loads(p.read_text()) for p in [work / "study" / "base.json"] +
                 [work / "study" / f"{a}-seed{s}" / "result.json" for a, s in plan] if p.exists()]
