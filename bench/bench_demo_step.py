@@ -1,7 +1,7 @@
 """Training-step time of the demo's tiny STDiT on a CPU: DiT patch on the latents (``DemoSize``'s 8x8x4 since
 session 9; ``--patch`` also times others), base vs grown (insert k = 1 + LLM condition), torch threads and fp32 vs
-bf16 autocast, the attention ops' route on a CPU (``--route``: the C++ kernel, SDPA under autograd, or the
-custom-op reference pair) and per-block ``torch.compile`` (``--compile blocks``: the trainer's ``parallel.compile
+bf16 autocast, the attention ops' route on a CPU (``--route``: the C++ kernel as dispatcher operators, the same
+kernel through the Python custom ops, SDPA under autograd, or the custom-op reference pair) and per-block ``torch.compile`` (``--compile blocks``: the trainer's ``parallel.compile
 = true``; on a CPU the modulation ops are then traced as their PyTorch expressions,
 ``mgkernels.dispatch.traced_ref``). One step = IDDPM
 loss (learned sigma, the demo's prediction type) forward, backward and AdamW, batch ``--batch`` with the
@@ -10,6 +10,7 @@ trainer's AdamW, on random latents and text states of the demo's shapes (``DemoS
     python bench/bench_demo_step.py                       # the grid (a few minutes on a quiet 2-core machine)
     python bench/bench_demo_step.py --threads 2 --grown 1 --compile none,blocks --rounds 9
     python bench/bench_demo_step.py --threads 2 --grown 1 --route eager,csrc --rounds 9   # SDPA vs the C++ kernel
+    python bench/bench_demo_step.py --threads 2 --grown 1 --compile blocks --route csrc-custom-op,csrc --rounds 9
 
 Every configuration is built (and compiled) first, then timed ``--rounds`` times in turn, ``--steps`` steps
 each, so a shared host's slow phases fall on all of them alike; a row reports the median and the minimum over
@@ -36,21 +37,33 @@ from mgkernels import _cpu_attention  # noqa: E402
 _CSRC_BUILT = _cpu_attention.AVAILABLE
 
 
+ROUTES = ("csrc", "csrc-custom-op", "eager", "custom-op")
+
+
+def _custom_route(tensor, csrc_ok, provider) -> str:
+    """The custom op wherever the library would take another path (a module function: torch.compile guards on
+    the identity of the route function, so it must not change between rounds)."""
+    return "custom"
+
+
 def set_route(route: str) -> None:
-    """The attention ops' CPU route. ``csrc``: the C++ short-sequence attention through the custom ops (what the
-    library does when the extension has it, session 14); ``eager``: SDPA under autograd (the library's route
-    without it, session 10; under compile: traced as SDPA); ``custom-op``: the custom-op pair with the reference
-    provider (its LSE and hand-written backward, before session 10)."""
+    """The attention ops' CPU route. ``csrc``: the C++ short-sequence attention as dispatcher operators called
+    straight from the functional APIs (what the library does when the extension has them, session 15);
+    ``csrc-custom-op``: the same kernel through the Python custom ops (session 14); ``eager``: SDPA under autograd
+    (the library's route without the extension, session 10; under compile: traced as SDPA); ``custom-op``: the
+    custom-op pair with the reference provider (its LSE and hand-written backward, before session 10)."""
     import mgkernels._cpu_attention as cpu_attention
     import mgkernels.gated_cross_attn as gca
     import mgkernels.st_attention as sta
-    from mgkernels.dispatch import eager_ref
+    from mgkernels.dispatch import attention_route
 
-    if route == "csrc" and not _CSRC_BUILT:
-        raise SystemExit("--route csrc: the csrc extension has no attention kernel here (make install)")
-    cpu_attention.AVAILABLE = route == "csrc"
+    if route not in ROUTES:
+        raise SystemExit(f"--route {route!r}: not one of {', '.join(ROUTES)}")
+    if route.startswith("csrc") and not _CSRC_BUILT:
+        raise SystemExit(f"--route {route}: the csrc extension has no attention operators here (make install)")
+    cpu_attention.AVAILABLE = route.startswith("csrc")
     for mod in (gca, sta):
-        mod.eager_ref = eager_ref if route == "eager" else (lambda provider: False)
+        mod.attention_route = attention_route if route in ("csrc", "eager") else _custom_route
 
 
 def make_step(patch: int, grown: bool, dtype: str, batch: int):
@@ -101,7 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--route", default="csrc" if _CSRC_BUILT else "eager",
-                    help="attention CPU route(s): csrc | eager | custom-op (see set_route)")
+                    help="attention CPU route(s): " + " | ".join(ROUTES) + " (see set_route)")
     ap.add_argument("--compile", default="none,blocks", help="none | blocks (per-block torch.compile)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)

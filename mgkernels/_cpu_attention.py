@@ -6,6 +6,13 @@ the head dim, so the callers pass views of the fused qkv projection or of ``[B, 
 permuted or copied. At the demo's sizes (16 tokens per frame, 4 frames, 48 text tokens, head dim 16) it
 replaces ATen's CPU flash-attention kernel, whose per-call set-up dominates there (docs/demo_recipe.md
 section 17).
+
+The extension registers it twice: as the pybind functions :func:`forward` / :func:`backward` call (views in,
+outputs written in place), and as dispatcher operators with the layouts of the Python custom ops
+(``torch.ops.mgkernels.csrc_st_attention_fwd`` / ``_bwd``, ``csrc_cross_attn_fwd`` / ``_bwd``,
+``csrc/attention_ops.cpp``), which build the views and outputs in C++. The functional APIs call the operators
+through :class:`STAttention` / :class:`CrossAttention` (autograd), eagerly and inside ``torch.compile`` graphs,
+where they run without entering Python; their fake (shape) functions are registered here.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import torch
 
 from . import _ext
 
-# Whether the built extension has the attention kernels (an extension built before them does not); a module
-# constant, so torch.compile can guard on it.
-AVAILABLE = _ext.ext_available() and hasattr(_ext.ext(), "attention_fwd")
+# Whether the built extension has the attention kernels and operators (an extension built before them does
+# not); a module constant, so torch.compile can guard on it.
+AVAILABLE = (_ext.ext_available() and hasattr(_ext.ext(), "attention_fwd")
+             and hasattr(torch.ops.mgkernels, "csrc_st_attention_fwd"))
 
 
 def usable(t: torch.Tensor) -> bool:
@@ -47,3 +55,71 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tens
              lse: torch.Tensor, do: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
     """Writes ``dq``, ``dk``, ``dv`` (views shaped like q, k, v) from ``do`` (o's shape) and the forward's o, lse."""
     _ext.ext().attention_bwd(q, k, v, mask, o, lse, do, dq, dk, dv)
+
+
+if AVAILABLE:
+    @torch.library.register_fake("mgkernels::csrc_st_attention_fwd")
+    def _(qkv, T, S, mode):
+        B, N, _, H, D = qkv.shape
+        return qkv.new_empty(B, N, H * D), qkv.new_empty(B, H, N, dtype=torch.float32)
+
+    @torch.library.register_fake("mgkernels::csrc_st_attention_bwd")
+    def _(dout, qkv, o, lse, T, S, mode):
+        return qkv.new_empty(qkv.shape)
+
+    @torch.library.register_fake("mgkernels::csrc_cross_attn_fwd")
+    def _(q, k, v, mask, save):
+        B, N, H, _ = q.shape
+        return q.new_empty(q.shape), q.new_empty((B, H, N) if save else (0,), dtype=torch.float32)
+
+    @torch.library.register_fake("mgkernels::csrc_cross_attn_bwd")
+    def _(dout, q, k, v, mask, o, lse):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+class STAttention(torch.autograd.Function):
+    """Spatial / temporal attention of ``qkv [B, T*S, 3, H, D]`` by the C++ operators (no custom-op layer):
+    ``o [B, T*S, H*D]``; the backward returns ``dqkv`` (contiguous)."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
+        o, lse = torch.ops.mgkernels.csrc_st_attention_fwd(qkv, T, S, mode)
+        ctx.save_for_backward(qkv, o, lse)
+        ctx.geometry = (T, S, mode)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        qkv, o, lse = ctx.saved_tensors
+        return torch.ops.mgkernels.csrc_st_attention_bwd(do, qkv, o, lse, *ctx.geometry), None, None, None
+
+
+class CrossAttention(torch.autograd.Function):
+    """Cross-attention of ``q [B, N, H, D]`` on ``k / v [B, L, H, D]`` with a key-padding mask, by the C++
+    operators: ``o [B, N, H, D]``."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        o, lse = torch.ops.mgkernels.csrc_cross_attn_fwd(q, k, v, mask, True)
+        ctx.save_for_backward(q, k, v, mask, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor):
+        q, k, v, mask, o, lse = ctx.saved_tensors
+        dq, dk, dv = torch.ops.mgkernels.csrc_cross_attn_bwd(do, q, k, v, mask, o, lse)
+        return dq, dk, dv, None
+
+
+def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
+    """``o [B, T*S, H*D]`` of :func:`mgkernels.st_attention` by the C++ operators (differentiable)."""
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return STAttention.apply(qkv, T, S, mode)
+    return torch.ops.mgkernels.csrc_st_attention_fwd(qkv, T, S, mode)[0]
+
+
+def cross_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``o [B, N, H, D]`` of :func:`mgkernels.gated_cross_attn.cross_attn` by the C++ operators (differentiable)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return CrossAttention.apply(q, k, v, mask)
+    return torch.ops.mgkernels.csrc_cross_attn_fwd(q, k, v, mask, False)[0]

@@ -7,18 +7,23 @@ is made at run time (opaque to ``torch.compile``) from, in order:
 2. the ``MG_KERNELS`` environment variable (``auto`` | ``ref`` | ``triton`` | ``csrc``; default ``auto``).
 
 The attention ops' functional APIs (``st_attention``, ``cross_attn``, ``gated_cross_attn``) ask first, outside
-the custom op: when the answer is ``ref`` and no ``torch.compile`` trace is running (:func:`eager_ref`), they
-run the PyTorch reference under plain autograd; the custom op's reference pair (forward + hand-written
-backward) is then reached through ``torch.ops.mgkernels.*`` and under ``torch.compile`` on CUDA.
+the custom op (:func:`attention_route`, :func:`eager_ref`): when the answer is ``ref`` and no ``torch.compile``
+trace is running, they run the PyTorch reference under plain autograd; when it is ``csrc`` (``st_attention`` and
+``cross_attn`` on fp32 CPU tensors), they call the C++ kernel's dispatcher operators
+(``torch.ops.mgkernels.csrc_*``) under autograd, without the custom-op layer. The custom op's own providers
+(its reference pair, forward + hand-written backward; its csrc branch) are reached through
+``torch.ops.mgkernels.*`` and under ``torch.compile`` on CUDA.
 
 Under ``torch.compile``, the modulation ops on a **CPU** tensor trace their PyTorch reference expressions
 instead of the custom op (:func:`traced_ref`), so Inductor fuses them with their neighbours: an opaque op (our
 C++ kernel or the reference pair) cuts the graph into small kernels, and the demo's compiled CPU training step
 was slower than eager with the custom ops and is 13 % faster than eager at the median with the traced
-references (docs/demo_recipe.md section 15). The attention ops (``st_attention``, ``cross_attn``) keep their
-custom op on an fp32 CPU tensor when the C++ attention kernel is built (it is one op either way, and faster
-than the SDPA it would be traced as: section 17), else they are traced too. CUDA tensors keep the custom op
-(the Triton kernels, chosen at run time). Tests that check the custom ops compose with ``torch.compile`` on a
+references (docs/demo_recipe.md section 15). The attention ops (``st_attention``, ``cross_attn``) put the C++
+kernel's dispatcher operators in the graph on an fp32 CPU tensor when the extension has them (one op either
+way, faster than the SDPA it would be traced as, and called from the compiled graph without Python: sections
+17-18), else they are traced too; that choice is made when the graph is traced (:func:`compile_request`: a
+``use()`` block re-traces, ``MG_KERNELS`` is read at trace time). CUDA tensors keep the custom op (the Triton
+kernels, chosen at run time). Tests that check the custom ops compose with ``torch.compile`` on a
 CPU turn the tracing off with :func:`custom_ops_under_compile`.
 
 ``auto``: CUDA tensors -> ``triton``; CPU tensors -> ``csrc`` when the op has a C++ implementation and the
@@ -48,6 +53,9 @@ from ._common import HAS_TRITON
 PROVIDERS = ("triton", "csrc", "ref")
 _CHOICES = ("auto",) + PROVIDERS
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("mgkernels_provider", default=None)
+# The innermost use() request again, as a module global: torch.compile cannot read the context variable but guards
+# on a global it reads, so a graph traced under one request is re-traced under another (compile_request).
+_COMPILE_OVERRIDE: str | None = None
 _warned: set[tuple[str, str]] = set()
 
 
@@ -69,11 +77,14 @@ def use(provider: str) -> Iterator[None]:
     provider = provider.lower()
     if provider not in _CHOICES:
         raise ValueError(f"provider {provider!r} is not one of {', '.join(_CHOICES)}")
+    global _COMPILE_OVERRIDE
     token = _override.set(provider)
+    before, _COMPILE_OVERRIDE = _COMPILE_OVERRIDE, provider
     try:
         yield
     finally:
         _override.reset(token)
+        _COMPILE_OVERRIDE = before
 
 
 def triton_available() -> bool:
@@ -158,6 +169,31 @@ def traced_ref(tensor: torch.Tensor) -> bool:
     ``torch.compile`` trace is running on a CPU tensor (see the module docstring). Dynamo cannot read the
     provider's context variable, so no provider request is consulted here."""
     return torch.compiler.is_compiling() and tensor.device.type == "cpu" and _TRACE_CPU_REF
+
+
+def compile_request() -> str:
+    """:func:`requested` as a ``torch.compile`` trace can read it: the innermost :func:`use` request (a guarded
+    module global, so entering or leaving ``use()`` re-traces), else ``MG_KERNELS`` as it was when the graph was
+    traced (Dynamo does not guard the environment: set it before compiling)."""
+    value = _COMPILE_OVERRIDE or os.environ.get("MG_KERNELS", "auto").strip().lower() or "auto"
+    if value not in _CHOICES:
+        raise ValueError(f"MG_KERNELS={value!r} is not one of {', '.join(_CHOICES)}")
+    return value
+
+
+def attention_route(tensor: torch.Tensor, csrc_ok: bool, provider: Callable[[], str]) -> str:
+    """The path an attention op's functional API takes on ``tensor``: ``csrc`` (the C++ operators under
+    autograd, no custom-op layer), ``ref`` (the PyTorch reference under autograd, or traced) or ``custom`` (the
+    custom op, which picks its provider at run time). ``csrc_ok``: the C++ kernel takes the tensor;
+    ``provider``: the op's :func:`choose`. Eagerly the provider decides. Under ``torch.compile`` on a CPU tensor
+    (see :func:`traced_ref`) the decision is made when the graph is traced: ``csrc`` where it can run and
+    :func:`compile_request` is ``auto`` or ``csrc``, else ``ref``; elsewhere under compile the custom op stays."""
+    if torch.compiler.is_compiling():
+        if not traced_ref(tensor):
+            return "custom"
+        return "csrc" if csrc_ok and compile_request() in ("auto", "csrc") else "ref"
+    p = provider()
+    return p if p in ("csrc", "ref") else "custom"
 
 
 def eager_ref(provider: Callable[[], str]) -> bool:

@@ -67,7 +67,7 @@ from ._tiles import (
     store_head,
     vec_for,
 )
-from .dispatch import choose, eager_ref, interpreter_enabled, traced_ref
+from .dispatch import attention_route, choose, eager_ref, interpreter_enabled, traced_ref
 
 __all__ = ["cross_attn", "gated_cross_attn", "gated_cross_attn_ref"]
 
@@ -515,30 +515,6 @@ def _provider(q: Tensor, op: str = _OP) -> str:
     return choose(op, q, providers_for(q, implemented), csrc_fn="attention_fwd")
 
 
-def _csrc_views(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``[B, N|L, H, D]`` tensors as the C++ kernel's ``[B, 1, N|L, H, D]`` views (one group per sample)."""
-    return tuple(_cpu_attention.unit_last(t).unsqueeze(1) for t in (q, k, v))
-
-
-def _csrc_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, save: bool) -> tuple[Tensor, Tensor]:
-    B, N, H, D = q.shape
-    o = q.new_empty(B, N, H, D)
-    lse = q.new_empty(B, H, N, dtype=torch.float32)
-    _cpu_attention.forward(*_csrc_views(q, k, v), _cpu_attention.key_mask(mask), o.unsqueeze(1),
-                           lse.transpose(1, 2).unsqueeze(1))
-    return o, lse if save else q.new_empty(0, dtype=torch.float32)
-
-
-def _csrc_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, o: Tensor,
-              lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, dv = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-    _cpu_attention.backward(*_csrc_views(q, k, v), _cpu_attention.key_mask(mask),
-                            _cpu_attention.unit_last(o).unsqueeze(1), lse.transpose(1, 2).unsqueeze(1),
-                            _cpu_attention.unit_last(do).unsqueeze(1), dq.unsqueeze(1), dk.unsqueeze(1),
-                            dv.unsqueeze(1))
-    return dq, dk, dv
-
-
 @torch.library.custom_op("mgkernels::gated_cross_attn_fwd", mutates_args=())
 def gated_cross_attn_fwd(x: Tensor, q: Tensor, k: Tensor, v: Tensor, lam: Tensor, mask: Tensor | None,
                          save: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -666,7 +642,7 @@ def cross_attn_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, save: b
         o, _, lse = _triton_fwd(None, q, k, v, None, mask, save)
         return o, lse
     if provider == "csrc":
-        return _csrc_fwd(q, k, v, mask, save)
+        return torch.ops.mgkernels.csrc_cross_attn_fwd(q, k, v, mask, save)
     lse = _ref_lse(q, k, mask) if save else q.new_empty(0, dtype=torch.float32)
     return _ref_attention(q, k, v, mask).contiguous(), lse
 
@@ -685,7 +661,7 @@ def cross_attn_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | N
     if provider == "triton":
         return _triton_bwd(do, q, k, v, None, mask, o, lse)[:3]
     if provider == "csrc":
-        return _csrc_bwd(do, q, k, v, mask, o, lse)
+        return torch.ops.mgkernels.csrc_cross_attn_bwd(do, q, k, v, mask, o, lse)
     return _ref_bwd(do, q, k, v, None, mask, o)[:3]
 
 
@@ -716,9 +692,11 @@ def cross_attn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> T
     _check_qkv(q, k, v, mask, "cross_attn")
     if mask is not None:
         mask = mask.detach()
-    # see mgkernels.dispatch; under compile on a CPU the C++ kernel, when it takes q, stays a custom op
-    if (traced_ref(q) and not _cpu_attention.usable(q)) or eager_ref(lambda: _provider(q, "cross_attn")):
+    route = attention_route(q, _cpu_attention.usable(q), lambda: _provider(q, "cross_attn"))  # mgkernels.dispatch
+    if route == "ref":
         return _ref_attention(q, k, v, mask)
+    if route == "csrc":  # the C++ operators, no custom-op layer (eager, and in compiled graphs)
+        return _cpu_attention.cross_attn(q, k, v, mask)
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if save:
         return CrossAttnFunction.apply(q, k, v, mask, True)

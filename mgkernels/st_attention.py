@@ -78,7 +78,7 @@ from ._tiles import (
     store_head,
     vec_for,
 )
-from .dispatch import choose, eager_ref, interpreter_enabled, traced_ref
+from .dispatch import attention_route, choose, interpreter_enabled
 
 __all__ = ["st_attention", "st_attention_ref", "STAttentionFunction", "MODES"]
 
@@ -557,38 +557,6 @@ def _provider(qkv: torch.Tensor) -> str:
     return choose("st_attention", qkv, providers_for(qkv, implemented), csrc_fn="attention_fwd")
 
 
-def _grouped(t: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
-    """A by-token ``[B, T*S, H, X]`` view as the C++ kernel's ``[B, G, L, H, X]`` (a view, no copy)."""
-    x = t.unflatten(1, (T, S))  # [B, T, S, H, X]: spatial groups are frames
-    return x if mode == "spatial" else x.transpose(1, 2)  # temporal: [B, S, T, H, X]
-
-
-def _csrc_views(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, ...]:
-    qkv = _cpu_attention.unit_last(qkv)
-    return tuple(_grouped(qkv[:, :, i], T, S, mode) for i in range(3))
-
-
-def _st_attention_fwd_csrc(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    B, N, _, H, D = qkv.shape
-    o = qkv.new_empty(B, N, H, D)
-    lse = qkv.new_empty(B, H, N, dtype=torch.float32)
-    _cpu_attention.forward(*_csrc_views(qkv, T, S, mode), None, _grouped(o, T, S, mode),
-                           _grouped(lse.transpose(1, 2), T, S, mode))
-    return o.view(B, N, H * D), lse
-
-
-def _st_attention_bwd_csrc(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, T: int,
-                           S: int, mode: str) -> torch.Tensor:  # fmt: skip
-    B, N, _, H, D = qkv.shape
-    dqkv = qkv.new_empty(B, N, 3, H, D)
-    grads = [_grouped(dqkv[:, :, i], T, S, mode) for i in range(3)]
-    do4 = _cpu_attention.unit_last(do.reshape(B, N, H, D))
-    o4 = _cpu_attention.unit_last(o.reshape(B, N, H, D))
-    _cpu_attention.backward(*_csrc_views(qkv, T, S, mode), None, _grouped(o4, T, S, mode),
-                            _grouped(lse.transpose(1, 2), T, S, mode), _grouped(do4, T, S, mode), *grads)
-    return dqkv
-
-
 @torch.library.custom_op("mgkernels::st_attention_fwd", mutates_args=())
 def st_attention_fwd(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(o [B, T*S, H*D] in qkv's dtype, lse [B, H, T*S] fp32 natural-log log-sum-exp by token)."""
@@ -597,7 +565,7 @@ def st_attention_fwd(qkv: torch.Tensor, T: int, S: int, mode: str) -> tuple[torc
     if provider == "triton":
         return _st_attention_fwd_triton(qkv, T, S, mode)
     if provider == "csrc":
-        return _st_attention_fwd_csrc(qkv, T, S, mode)
+        return torch.ops.mgkernels.csrc_st_attention_fwd(qkv, T, S, mode)
     return st_attention_ref(qkv, T, S, mode).contiguous(), _ref_lse(qkv, T, S, mode)
 
 
@@ -617,7 +585,7 @@ def st_attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: 
     if provider == "triton":
         return _st_attention_bwd_triton(do, qkv, o, lse, T, S, mode)
     if provider == "csrc":
-        return _st_attention_bwd_csrc(do, qkv, o, lse, T, S, mode)
+        return torch.ops.mgkernels.csrc_st_attention_bwd(do, qkv, o, lse, T, S, mode)
     return _ref_bwd(do, qkv, T, S, mode)
 
 
@@ -655,11 +623,13 @@ def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
     ``qkv: [B, T*S, 3, H, D]`` (any strides) -> ``o: [B, T*S, H*D]`` in token order; differentiable.
     """
     _check(qkv, T, S, mode)
-    # compile on a CPU: trace the reference (mgkernels.dispatch) unless the C++ kernel takes it; the custom op
-    # then stays in the graph and picks its provider at run time
-    if (traced_ref(qkv) and not _cpu_attention.usable(qkv)) or eager_ref(lambda: _provider(qkv)):
-        # the reference provider in eager mode: SDPA under autograd (ATen's fused CPU attention and its
-        # backward) beats the custom op's reference pair, which recomputes the scores for the LSE and again
-        # in the hand-written backward (1.3-1.7x on the demo's CPU training step, docs/demo_recipe.md section 11)
-        return st_attention_ref(qkv, int(T), int(S), str(mode))
-    return STAttentionFunction.apply(qkv, int(T), int(S), str(mode))
+    T, S, mode = int(T), int(S), str(mode)
+    route = attention_route(qkv, _cpu_attention.usable(qkv), lambda: _provider(qkv))  # see mgkernels.dispatch
+    if route == "ref":
+        # SDPA under autograd (ATen's fused CPU attention and its backward) beats the custom op's reference pair,
+        # which recomputes the scores for the LSE and again in the hand-written backward (1.3-1.7x on the demo's
+        # CPU training step, docs/demo_recipe.md section 11); under compile on a CPU it is traced
+        return st_attention_ref(qkv, T, S, mode)
+    if route == "csrc":  # the C++ operators, no custom-op layer (eager, and in compiled graphs)
+        return _cpu_attention.st_attention(qkv, T, S, mode)
+    return STAttentionFunction.apply(qkv, T, S, mode)

@@ -7,6 +7,7 @@ the library's reference), under the DESIGN tolerance policy of kernel_utils.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -141,34 +142,32 @@ def test_rejects_bad_arguments():
 
 
 # ---- dispatch: the csrc provider of st_attention and cross_attn ------------------------------------------------
-def _count_calls(monkeypatch):
-    calls = {"fwd": 0, "bwd": 0}
-    fwd, bwd = _cpu_attention.forward, _cpu_attention.backward
-
-    def cfwd(*a):
-        calls["fwd"] += 1
-        return fwd(*a)
-
-    def cbwd(*a):
-        calls["bwd"] += 1
-        return bwd(*a)
-
-    monkeypatch.setattr(_cpu_attention, "forward", cfwd)
-    monkeypatch.setattr(_cpu_attention, "backward", cbwd)
-    return calls
+@contextlib.contextmanager
+def _count_calls():
+    """Counts the C++ operators' calls (``fwd`` / ``bwd``) and the Python custom ops' (``custom``) in the block, as
+    the profiler records them."""
+    calls = {"fwd": 0, "bwd": 0, "custom": 0}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yield calls
+    for e in prof.events():
+        if e.name.startswith("mgkernels::csrc_"):
+            calls["fwd" if e.name.endswith("_fwd") else "bwd"] += 1
+        elif e.name in ("mgkernels::st_attention_fwd", "mgkernels::st_attention_bwd", "mgkernels::cross_attn_fwd",
+                        "mgkernels::cross_attn_bwd"):
+            calls["custom"] += 1
 
 
 @pytest.mark.parametrize("mode", ["spatial", "temporal"])
-def test_st_attention_runs_the_kernel_on_cpu_fp32(mode, monkeypatch):
+def test_st_attention_runs_the_kernel_on_cpu_fp32(mode):
     from mgkernels.st_attention import st_attention
 
-    calls = _count_calls(monkeypatch)
     B, T, S, H, D = 2, 3, 5, 2, 16
     qkv = torch.randn(B, T * S, 3 * H * D).view(B, T * S, 3, H, D).requires_grad_()
-    o = st_attention(qkv, T, S, mode)
-    do = torch.randn(o.shape)
-    (dqkv,) = torch.autograd.grad(o, qkv, do)
-    assert calls == {"fwd": 1, "bwd": 1}
+    with _count_calls() as calls:
+        o = st_attention(qkv, T, S, mode)
+        do = torch.randn(o.shape)
+        (dqkv,) = torch.autograd.grad(o, qkv, do)
+    assert calls == {"fwd": 1, "bwd": 1, "custom": 0}  # the C++ operators, without the custom-op layer
 
     x = qkv.detach().double().requires_grad_()
     g = x.unflatten(1, (T, S))  # [B, T, S, 3, H, D]
@@ -179,23 +178,28 @@ def test_st_attention_runs_the_kernel_on_cpu_fp32(mode, monkeypatch):
     torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dqkv.double(), x.grad, rtol=1e-5, atol=1e-5)
 
-    with use("ref"):  # an explicit provider request is honoured: no kernel call
+    with _count_calls() as calls, use("ref"):  # an explicit provider request is honoured: no kernel call
         st_attention(qkv, T, S, mode).sum().backward()
-    assert calls == {"fwd": 1, "bwd": 1}
+    assert calls == {"fwd": 0, "bwd": 0, "custom": 0}
+    with _count_calls() as calls:  # the custom op (torch.ops, torch.compile on CUDA) takes the same kernels
+        o2, lse = torch.ops.mgkernels.st_attention_fwd(qkv.detach(), T, S, mode)
+        dqkv2 = torch.ops.mgkernels.st_attention_bwd(do, qkv.detach(), o2, lse, T, S, mode)
+    assert calls == {"fwd": 1, "bwd": 1, "custom": 2}
+    assert torch.equal(o2, o.detach()) and torch.equal(dqkv2, dqkv)
 
 
-def test_cross_attn_runs_the_kernel_on_cpu_fp32(monkeypatch):
+def test_cross_attn_runs_the_kernel_on_cpu_fp32():
     from mgkernels.gated_cross_attn import cross_attn
 
-    calls = _count_calls(monkeypatch)
     B, N, L, H, D = 3, 10, 6, 2, 16
     q = torch.randn(B, N, H, D, requires_grad=True)
     kv = torch.randn(B, L, 2, H, D, requires_grad=True)  # k, v as slices of one projection
     mask = torch.tensor([[1, 1, 0, 1, 0, 0], [0] * 6, [1] * 6])  # long, as the text encoders give it
-    o = cross_attn(q, kv[:, :, 0], kv[:, :, 1], mask)
-    do = torch.randn(o.shape)
-    dq, dkv = torch.autograd.grad(o, (q, kv), do)
-    assert calls == {"fwd": 1, "bwd": 1}
+    with _count_calls() as calls:
+        o = cross_attn(q, kv[:, :, 0], kv[:, :, 1], mask)
+        do = torch.randn(o.shape)
+        dq, dkv = torch.autograd.grad(o, (q, kv), do)
+    assert calls == {"fwd": 1, "bwd": 1, "custom": 0}
     x, y = q.detach().double().requires_grad_(), kv.detach().double().requires_grad_()
     o64, _ = _attn64(x.unsqueeze(1), y[:, :, 0].unsqueeze(1), y[:, :, 1].unsqueeze(1), mask.bool())
     o64.squeeze(1).backward(do.double())
@@ -204,5 +208,69 @@ def test_cross_attn_runs_the_kernel_on_cpu_fp32(monkeypatch):
     torch.testing.assert_close(dkv.double(), y.grad, rtol=1e-5, atol=1e-5)
     assert (o[1] == 0).all()  # no valid key: 0, not NaN
 
-    cross_attn(q.double(), kv[:, :, 0].double(), kv[:, :, 1].double(), mask)  # float64: the reference
-    assert calls == {"fwd": 1, "bwd": 1}
+    with _count_calls() as calls:
+        cross_attn(q.double(), kv[:, :, 0].double(), kv[:, :, 1].double(), mask)  # float64: the reference
+    assert calls == {"fwd": 0, "bwd": 0, "custom": 0}
+    with _count_calls() as calls:  # the custom op takes the same kernels
+        o2, lse = torch.ops.mgkernels.cross_attn_fwd(q.detach(), kv[:, :, 0].detach(), kv[:, :, 1].detach(), mask, True)
+        dq2, dk2, dv2 = torch.ops.mgkernels.cross_attn_bwd(do, q.detach(), kv[:, :, 0].detach(), kv[:, :, 1].detach(),
+                                                           mask, o2, lse)
+    assert calls == {"fwd": 1, "bwd": 1, "custom": 2}
+    assert torch.equal(o2, o.detach()) and torch.equal(dq2, dq) and torch.equal(torch.stack([dk2, dv2], 2), dkv)
+
+
+def test_operator_argument_errors():
+    """The dispatcher operators name the bad argument (the custom ops check theirs before reaching them)."""
+    qkv = torch.randn(2, 6, 3, 2, 16)
+    with pytest.raises(RuntimeError, match=r"mode must be 'spatial' or 'temporal', got 'diagonal'"):
+        torch.ops.mgkernels.csrc_st_attention_fwd(qkv, 2, 3, "diagonal")
+    with pytest.raises(RuntimeError, match=r"qkv has 6 tokens, not T\*S = 2\*4"):
+        torch.ops.mgkernels.csrc_st_attention_fwd(qkv, 2, 4, "spatial")
+    with pytest.raises(RuntimeError, match=r"qkv must be \[B, T\*S, 3, H, D\]"):
+        torch.ops.mgkernels.csrc_st_attention_fwd(qkv[:, :, :2], 2, 3, "spatial")
+    with pytest.raises(RuntimeError, match=r"must be \[B, N, H, D\], \[B, L, H, D\]"):
+        torch.ops.mgkernels.csrc_cross_attn_fwd(qkv, qkv, qkv, None, False)
+
+
+def test_operators_compile_with_dynamic_shapes():
+    """Under torch.compile with symbolic shapes the operators' fake functions give the outputs' shapes; a
+    compiled function calling both attentions matches eager at two batch sizes without re-tracing per size."""
+    from mgkernels.gated_cross_attn import cross_attn
+    from mgkernels.st_attention import st_attention
+
+    def f(qkv, ctx, mask):
+        o = st_attention(qkv, 3, 4, "temporal")  # [B, 12, H*D]
+        q = o.unflatten(-1, (2, 16))
+        return cross_attn(q, ctx[:, :, 0], ctx[:, :, 1], mask).sum(), o
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    for B in (2, 5):
+        qkv = torch.randn(B, 12, 3, 2, 16, requires_grad=True)
+        ctx = torch.randn(B, 7, 2, 2, 16, requires_grad=True)
+        mask = (torch.arange(7) < torch.randint(0, 8, (B, 1))).long()
+        want = f(qkv, ctx, mask)
+        want_g = torch.autograd.grad(want[0], (qkv, ctx))
+        got = compiled(qkv, ctx, mask)
+        got_g = torch.autograd.grad(got[0], (qkv, ctx))
+        for a, b in zip((*got, *got_g), (*want, *want_g), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_operators_pass_opcheck():
+    """torch.library.opcheck: schemas (no hidden mutation or aliasing), fake functions against the real
+    outputs, and dispatch under FakeTensor / functionalization."""
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 6, 3, 2, 16, generator=g)
+    o, lse = torch.ops.mgkernels.csrc_st_attention_fwd(qkv, 2, 3, "temporal")
+    q, kv = torch.randn(2, 5, 2, 16, generator=g), torch.randn(2, 4, 2, 2, 16, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    co, clse = torch.ops.mgkernels.csrc_cross_attn_fwd(q, kv[:, :, 0], kv[:, :, 1], mask, True)
+    cases = [
+        (torch.ops.mgkernels.csrc_st_attention_fwd, (qkv, 2, 3, "temporal")),
+        (torch.ops.mgkernels.csrc_st_attention_bwd, (torch.randn(o.shape, generator=g), qkv, o, lse, 2, 3, "temporal")),
+        (torch.ops.mgkernels.csrc_cross_attn_fwd, (q, kv[:, :, 0], kv[:, :, 1], mask, True)),
+        (torch.ops.mgkernels.csrc_cross_attn_fwd, (q, kv[:, :, 0], kv[:, :, 1], None, False)),
+        (torch.ops.mgkernels.csrc_cross_attn_bwd, (torch.randn(co.shape, generator=g), q, kv[:, :, 0], kv[:, :, 1], mask, co, clse)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -133,14 +133,23 @@ def test_compile_on_cpu_traces_the_references():
     # the modulation ops are traced (Inductor fuses them with their neighbours) ...
     assert not any("mgkernels.modulate" in gr or "mgkernels.residual" in gr for gr in graphs), "modulate op left"
     assert any("native_layer_norm" in gr for gr in graphs)
-    if _cpu_attention.AVAILABLE:  # ... the attention ops stay custom ops when the C++ kernel is built
+    if _cpu_attention.AVAILABLE:  # ... the attention ops are the C++ operators when the kernel is built
         for op in ("st_attention_fwd", "st_attention_bwd", "cross_attn_fwd", "cross_attn_bwd"):
-            assert any(f"mgkernels.{op}" in gr for gr in graphs), f"{op} is not in the compiled graphs"
+            assert any(f"mgkernels.csrc_{op}" in gr for gr in graphs), f"csrc_{op} is not in the compiled graphs"
+            assert not any(f"mgkernels.{op}" in gr for gr in graphs), f"the custom op {op} is in the compiled graphs"
     else:  # ... or are traced as SDPA too
         assert not any("mgkernels" in gr for gr in graphs) and any("attention" in gr for gr in graphs)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for name, gr in eager_grads.items():
         torch.testing.assert_close(grads[name], gr, rtol=1e-4, atol=1e-4, msg=lambda e, n=name: f"{n}: {e}")
+
+    if _cpu_attention.AVAILABLE:  # a provider request re-traces: use("ref") gives SDPA, no C++ operator
+        graphs.clear()
+        compiled = torch.compile(m, backend=backend, fullgraph=True)
+        with use("ref"):
+            out_ref, _ = run(compiled)
+        assert len(graphs) == 2 and not any("mgkernels" in gr for gr in graphs)
+        torch.testing.assert_close(out_ref, eager, rtol=1e-5, atol=1e-5)
 
     graphs.clear()
     torch._dynamo.reset()
