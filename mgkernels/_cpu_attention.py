@@ -11,8 +11,8 @@ The extension registers it twice: as the pybind functions :func:`forward` / :fun
 outputs written in place), and as dispatcher operators with the layouts of the Python custom ops
 (``torch.ops.mgkernels.csrc_st_attention_fwd`` / ``_bwd``, ``csrc_cross_attn_fwd`` / ``_bwd``,
 ``csrc/attention_ops.cpp``), which build the views and outputs in C++. The functional APIs call the operators
-through :class:`STAttention` / :class:`CrossAttention` (autograd), eagerly and inside ``torch.compile`` graphs,
-where they run without entering Python; their fake (shape) functions are registered here.
+through their autograd Functions (``csrc=True``), eagerly and inside ``torch.compile`` graphs, where they run
+without entering Python; the operators' fake (shape) functions are registered here.
 """
 
 from __future__ import annotations
@@ -76,50 +76,3 @@ if AVAILABLE:
     def _(dout, q, k, v, mask, o, lse):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
-
-class STAttention(torch.autograd.Function):
-    """Spatial / temporal attention of ``qkv [B, T*S, 3, H, D]`` by the C++ operators (no custom-op layer):
-    ``o [B, T*S, H*D]``; the backward returns ``dqkv`` (contiguous)."""
-
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
-        o, lse = torch.ops.mgkernels.csrc_st_attention_fwd(qkv, T, S, mode)
-        ctx.save_for_backward(qkv, o, lse)
-        ctx.geometry = (T, S, mode)
-        return o
-
-    @staticmethod
-    def backward(ctx, do: torch.Tensor):
-        qkv, o, lse = ctx.saved_tensors
-        return torch.ops.mgkernels.csrc_st_attention_bwd(do, qkv, o, lse, *ctx.geometry), None, None, None
-
-
-class CrossAttention(torch.autograd.Function):
-    """Cross-attention of ``q [B, N, H, D]`` on ``k / v [B, L, H, D]`` with a key-padding mask, by the C++
-    operators: ``o [B, N, H, D]``."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        o, lse = torch.ops.mgkernels.csrc_cross_attn_fwd(q, k, v, mask, True)
-        ctx.save_for_backward(q, k, v, mask, o, lse)
-        return o
-
-    @staticmethod
-    def backward(ctx, do: torch.Tensor):
-        q, k, v, mask, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.mgkernels.csrc_cross_attn_bwd(do, q, k, v, mask, o, lse)
-        return dq, dk, dv, None
-
-
-def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
-    """``o [B, T*S, H*D]`` of :func:`mgkernels.st_attention` by the C++ operators (differentiable)."""
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return STAttention.apply(qkv, T, S, mode)
-    return torch.ops.mgkernels.csrc_st_attention_fwd(qkv, T, S, mode)[0]
-
-
-def cross_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``o [B, N, H, D]`` of :func:`mgkernels.gated_cross_attn.cross_attn` by the C++ operators (differentiable)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return CrossAttention.apply(q, k, v, mask)
-    return torch.ops.mgkernels.csrc_cross_attn_fwd(q, k, v, mask, False)[0]

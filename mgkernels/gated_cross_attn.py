@@ -670,19 +670,29 @@ def _(do, q, k, v, mask, o, lse):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _cross_op_pair(csrc: bool):
+    """(forward, backward): the C++ kernel's dispatcher operators, or the custom ops (provider chosen at run time)."""
+    m = torch.ops.mgkernels
+    return (m.csrc_cross_attn_fwd, m.csrc_cross_attn_bwd) if csrc else (m.cross_attn_fwd, m.cross_attn_bwd)
+
+
 class CrossAttnFunction(torch.autograd.Function):
+    """o = cross_attn(q, k, v, mask); ``csrc``: through the C++ kernel's dispatcher operators
+    (``torch.ops.mgkernels.csrc_*``, no custom-op layer) instead of the custom ops."""
+
     @staticmethod
-    def forward(ctx, q, k, v, mask, save):
-        o, lse = torch.ops.mgkernels.cross_attn_fwd(q, k, v, mask, save)
+    def forward(ctx, q, k, v, mask, save, csrc):
+        o, lse = _cross_op_pair(csrc)[0](q, k, v, mask, save)
         if save:
             ctx.save_for_backward(q, k, v, mask, o, lse)
+        ctx.csrc = csrc
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, mask, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.mgkernels.cross_attn_bwd(do, q, k, v, mask, o, lse)
-        return dq, dk, dv, None, None
+        dq, dk, dv = _cross_op_pair(ctx.csrc)[1](do, q, k, v, mask, o, lse)
+        return dq, dk, dv, None, None, None
 
 
 def cross_attn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -695,9 +705,7 @@ def cross_attn(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> T
     route = attention_route(q, _cpu_attention.usable(q), lambda: _provider(q, "cross_attn"))  # mgkernels.dispatch
     if route == "ref":
         return _ref_attention(q, k, v, mask)
-    if route == "csrc":  # the C++ operators, no custom-op layer (eager, and in compiled graphs)
-        return _cpu_attention.cross_attn(q, k, v, mask)
-    save = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if save:
-        return CrossAttnFunction.apply(q, k, v, mask, True)
-    return torch.ops.mgkernels.cross_attn_fwd(q, k, v, mask, False)[0]
+    csrc = route == "csrc"  # the C++ operators, no custom-op layer (eager, and in compiled graphs)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return CrossAttnFunction.apply(q, k, v, mask, True, csrc)
+    return _cross_op_pair(csrc)[0](q, k, v, mask, False)[0]

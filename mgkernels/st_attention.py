@@ -599,22 +599,29 @@ def _(do, qkv, o, lse, T, S, mode):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _op_pair(csrc: bool):
+    """(forward, backward): the C++ kernel's dispatcher operators, or the custom ops (provider chosen at run time)."""
+    m = torch.ops.mgkernels
+    return (m.csrc_st_attention_fwd, m.csrc_st_attention_bwd) if csrc else (m.st_attention_fwd, m.st_attention_bwd)
+
+
 class STAttentionFunction(torch.autograd.Function):
-    """o = st_attention(qkv); backward returns dqkv in qkv's [B, T*S, 3, H, D] layout."""
+    """o = st_attention(qkv); backward returns dqkv in qkv's [B, T*S, 3, H, D] layout. ``csrc``: through the C++
+    kernel's dispatcher operators (``torch.ops.mgkernels.csrc_*``, no custom-op layer) instead of the custom ops."""
 
     @staticmethod
-    def forward(ctx, qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
-        o, lse = torch.ops.mgkernels.st_attention_fwd(qkv, T, S, mode)
+    def forward(ctx, qkv: torch.Tensor, T: int, S: int, mode: str, csrc: bool) -> torch.Tensor:
+        o, lse = _op_pair(csrc)[0](qkv, T, S, mode)
         ctx.save_for_backward(qkv, o, lse)
-        ctx.geometry = (T, S, mode)
+        ctx.geometry = (T, S, mode, csrc)
         return o
 
     @staticmethod
     def backward(ctx, do: torch.Tensor):
         qkv, o, lse = ctx.saved_tensors
-        T, S, mode = ctx.geometry
-        dqkv = torch.ops.mgkernels.st_attention_bwd(do, qkv, o, lse, T, S, mode)
-        return dqkv, None, None, None
+        T, S, mode, csrc = ctx.geometry
+        dqkv = _op_pair(csrc)[1](do, qkv, o, lse, T, S, mode)
+        return dqkv, None, None, None, None
 
 
 def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
@@ -630,6 +637,7 @@ def st_attention(qkv: torch.Tensor, T: int, S: int, mode: str) -> torch.Tensor:
         # which recomputes the scores for the LSE and again in the hand-written backward (1.3-1.7x on the demo's
         # CPU training step, docs/demo_recipe.md section 11); under compile on a CPU it is traced
         return st_attention_ref(qkv, T, S, mode)
-    if route == "csrc":  # the C++ operators, no custom-op layer (eager, and in compiled graphs)
-        return _cpu_attention.st_attention(qkv, T, S, mode)
-    return STAttentionFunction.apply(qkv, T, S, mode)
+    csrc = route == "csrc"  # the C++ operators, no custom-op layer (eager, and in compiled graphs)
+    if csrc and not (torch.is_grad_enabled() and qkv.requires_grad):
+        return _op_pair(True)[0](qkv, T, S, mode)[0]
+    return STAttentionFunction.apply(qkv, T, S, mode, csrc)

@@ -261,7 +261,7 @@ def test_gradcheck_ref_provider_fp64():
         lam0 = torch.zeros((), dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(lambda *a: gated_cross_attn(*a, None), (x, q, k, v, lam0), fast_mode=True)
         assert torch.autograd.gradcheck(lambda *a: custom_op(*a, None), (x, q, k, v, lam0), fast_mode=True)
-        assert torch.autograd.gradcheck(lambda *a: gca_mod.CrossAttnFunction.apply(*a, mask, True), (q, k, v))
+        assert torch.autograd.gradcheck(lambda *a: gca_mod.CrossAttnFunction.apply(*a, mask, True, False), (q, k, v))
 
 
 @pytest.mark.parametrize("provider", ["ref"] + (["triton"] if TRITON_OK else []))
@@ -447,7 +447,7 @@ def test_eager_ref_skips_the_custom_ops_and_matches_them():
             eager = (gated_cross_attn(x, q, k, v, lam, mask), cross_attn(q, k, v, mask))
             ge = torch.autograd.grad(eager[0].sum() + (eager[1] ** 2).sum(), (x, q, k, v, lam))
         ops = (gca_mod.GatedCrossAttnFunction.apply(x, q, k, v, lam, mask, True),
-               gca_mod.CrossAttnFunction.apply(q, k, v, mask, True))
+               gca_mod.CrossAttnFunction.apply(q, k, v, mask, True, False))
         go = torch.autograd.grad(ops[0].sum() + (ops[1] ** 2).sum(), (x, q, k, v, lam))
     names = {e.name for e in prof.events()}
     assert not any(n.startswith("mgkernels::") for n in names), sorted(n for n in names if "mgkernels" in n)

@@ -167,7 +167,7 @@ def test_gradcheck_ref(mode):
     qkv = make_qkv(1, 3, 2, 2, 4, torch.float64, "sliced")
     with use("ref"):
         assert torch.autograd.gradcheck(lambda x: st_attention(x, 3, 2, mode), (qkv,), fast_mode=True)
-        assert torch.autograd.gradcheck(lambda x: sta.STAttentionFunction.apply(x, 3, 2, mode), (qkv,),
+        assert torch.autograd.gradcheck(lambda x: sta.STAttentionFunction.apply(x, 3, 2, mode, False), (qkv,),
                                         fast_mode=True)
 
 
@@ -181,7 +181,7 @@ def test_eager_ref_skips_the_custom_op_and_matches_it(mode):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             o = st_attention(qkv, 3, 5, mode)
             (g,) = torch.autograd.grad(o, qkv, do)
-        o_op = sta.STAttentionFunction.apply(qkv, 3, 5, mode)
+        o_op = sta.STAttentionFunction.apply(qkv, 3, 5, mode, False)
         (g_op,) = torch.autograd.grad(o_op, qkv, do)
     names = {e.name for e in prof.events()}
     assert not any(n.startswith("mgkernels::st_attention") for n in names), sorted(names)
